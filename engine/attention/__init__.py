@@ -1,0 +1,57 @@
+"""Attention over the paged KV cache, behind one interface with several backends.
+
+Cache layout, per layer: `k_cache` and `v_cache` of shape [num_blocks, block_size, num_kv_heads,
+head_dim]. A step's tokens are flattened, decodes (one new token) first, then prefill chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot of each new token (negative: padding, skip)
+    query_start_loc: torch.Tensor  # int32 [S+1]
+    seq_lens: torch.Tensor  # int32 [S]: context length including the new tokens
+    block_tables: torch.Tensor  # int32 [S, max_blocks]
+    max_query_len: int
+    max_seq_len: int
+    num_decodes: int  # the first `num_decodes` sequences have one new token each
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_decodes == len(self.seq_lens_host)
+
+
+BACKENDS = ("flash-attn", "torch-flash", "triton", "torch")
+
+
+def make_backend(name: str, device: torch.device):
+    """The attention backend called `name`, or with `auto` the first of BACKENDS that works here."""
+    from .torch_backend import TorchAttentionBackend
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "auto":
+        if device.type != "cuda":
+            return TorchAttentionBackend()
+        for candidate in BACKENDS[:-1]:
+            try:
+                return make_backend(candidate, device)
+            except (ImportError, RuntimeError) as e:
+                log.info("attention backend %s unavailable: %s", candidate, e)
+        return TorchAttentionBackend()
+    if name == "triton":
+        from .triton_backend import TritonAttentionBackend
+        return TritonAttentionBackend()
+    if name in ("flash-attn", "torch-flash"):
+        from . import flash_backend
+        return flash_backend.make(name)
+    raise ValueError(f"unknown attention backend {name!r}; choose auto, {', '.join(BACKENDS)}")

@@ -1,0 +1,137 @@
+"""Messages on the shared-memory queues between server, balancer and workers (msgspec msgpack).
+
+Also the offline API's `SamplingParams`: the same struct travels on the wire, so what a user sets
+offline and what the server sends a worker cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-k alternatives per sampled token (0: only the sampled one)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first parameter out of range."""
+        def bad(name: str, why: str):
+            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        if self.max_tokens < 0:
+            bad("max_tokens", "must be >= 0")
+        if self.min_tokens < 0 or self.min_tokens > max(self.max_tokens, 0):
+            bad("min_tokens", "must be between 0 and max_tokens")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            bad("temperature", "must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k < -1:
+            bad("top_k", "must be -1 (off), 0 (off) or positive")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                bad(name, "must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            bad("repetition_penalty", "must be in (0, 100]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 20:
+                bad(name, "must be between 0 and 20")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            bad("seed", "must fit in 64 bits")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+class SLO(msgspec.Struct, frozen=True, omit_defaults=True):
+    ttft_ms: float | None = None
+    tbt_ms: float | None = None
+
+
+class GenerateRequest(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    slo: SLO = SLO()
+
+
+class Abort(msgspec.Struct, tag=True):
+    request_id: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+class TopLogprobs(msgspec.Struct, array_like=True):
+    """Logprob of the chosen token, then the top alternatives (ids and logprobs, best first)."""
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class RequestTimings(msgspec.Struct, array_like=True, omit_defaults=True):
+    queue_s: float = 0.0  # arrival to first scheduled
+    num_preemptions: int = 0
+
+
+class TokenOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list[TopLogprobs] | None = None
+    prompt_logprobs: list[TopLogprobs | None] | None = None
+    finish_reason: str | None = None  # stop | length | abort | error
+    num_cached_tokens: int = 0
+    timings: RequestTimings | None = None
+    error: str | None = None
+
+
+class StepOutputs(msgspec.Struct, tag=True):
+    worker_id: int
+    outputs: list[TokenOutput]
+
+
+class LoadReport(msgspec.Struct, tag=True):
+    worker_id: int
+    num_running: int
+    num_waiting: int
+    waiting_prefill_tokens: int
+    running_tokens: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    mean_step_time: float
+    num_preemptions: int = 0
+    num_steps: int = 0
+    expected_output_tokens: float = 0.0
+    outstanding_tokens: float = 0.0  # prefill left plus expected decode left, in tokens
+    requests_in: int = 0  # requests this worker has received in total (balancer reconciles on it)
+    counters: dict[str, int] = {}
+    time: float = 0.0
+
+
+class WorkerReady(msgspec.Struct, tag=True):
+    worker_id: int
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    device: str
+    attention_backend: str

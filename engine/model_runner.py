@@ -1,0 +1,139 @@
+"""How a step runs: turn a StepPlan into one forward pass over a flattened batch, then sample.
+
+The runner owns the model and the physical KV cache tensors; from the plan it reads only token ids,
+positions and the block ids the KV block manager wrote into each request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from scheduling import Chunk, StepPlan
+
+from .attention import AttentionMetadata, make_backend
+from .config import EngineArgs, ModelConfig
+from .messages import SamplingParams
+from .models.loader import load_model
+from .sampler import SamplingBatch, SamplingRow, prompt_logprobs, sample
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_GB = 0.5
+
+
+@dataclass
+class ChunkResult:
+    token: int | None = None
+    logprobs: tuple | None = None  # (logprob, top ids, top logprobs) of the sampled token
+    prompt_logprobs: list | None = None  # one entry per prompt position this chunk scored
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, args: EngineArgs, max_model_len: int):
+        self.config = config
+        self.args = args
+        self.device = args.resolved_device()
+        self.block_size = args.block_size
+        self.backend = make_backend(args.attention_backend, self.device)
+        torch.manual_seed(args.seed)
+        self.model = load_model(config, self.backend, self.device, max_model_len,
+                                random_weights=args.load_format == "dummy")
+        self.num_blocks = self._num_kv_blocks()
+        shape = (self.num_blocks, self.block_size, config.num_kv_heads, config.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=config.dtype, device=self.device),
+                           torch.zeros(shape, dtype=config.dtype, device=self.device))
+                          for _ in range(config.num_layers)]
+
+    @property
+    def block_bytes(self) -> int:
+        c = self.config
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * c.dtype.itemsize
+
+    def _num_kv_blocks(self) -> int:
+        a = self.args
+        if a.num_kv_blocks:
+            return a.num_kv_blocks
+        if a.kv_cache_gb:
+            budget = a.kv_cache_gb * 2**30
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            # Leave room for activations of the largest step and the sampler's logits.
+            reserve = 4 * a.max_num_batched_tokens * (self.config.hidden_size * 8 + self.config.vocab_size) + 2**30
+            budget = a.gpu_memory_utilization * total - used - reserve
+        else:
+            budget = CPU_DEFAULT_KV_GB * 2**30
+        num = int(budget // self.block_bytes)
+        if num <= 0:
+            raise ValueError("no memory left for the KV cache; lower the model size or raise the KV budget")
+        return num
+
+    # ---- one step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[ChunkResult]:
+        """Run the plan; results are aligned with plan.chunks."""
+        # Decodes first: the attention backends take them as one batch.
+        order = sorted(range(len(plan.chunks)), key=lambda i: plan.chunks[i].num_tokens != 1)
+        chunks = [plan.chunks[i] for i in order]
+        tokens, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
+        sample_index, sample_rows = [], []
+        scored = []  # (chunk position in `chunks`, flat indices, next tokens, k) for prompt logprobs
+        bs = self.block_size
+        for ci, chunk in enumerate(chunks):
+            req, start, n = chunk.request, chunk.start, chunk.num_tokens
+            base = len(tokens)
+            tokens += req.token_ids[start:start + n]
+            positions += range(start, start + n)
+            blocks = req.block_ids
+            slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(blocks)
+            params: SamplingParams = req.payload
+            if chunk.samples:
+                sample_index.append(base + n - 1)
+                sample_rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids))
+            if (params.prompt_logprobs is not None and req.num_output_tokens == 0
+                    and start < req.num_prompt_tokens - 1):
+                end = min(start + n, req.num_prompt_tokens - 1)
+                scored.append((ci, list(range(base, base + end - start)),
+                               req.prompt_token_ids[start + 1:end + 1], params.prompt_logprobs))
+        dev = self.device
+        width = max(len(t) for t in tables)
+        table = torch.zeros((len(tables), width), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            num_decodes=sum(1 for q in query_lens if q == 1),
+            query_lens_host=query_lens, seq_lens_host=seq_lens)
+        input_ids = torch.tensor(tokens, dtype=torch.int64).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        hidden = self.model(input_ids, pos, self.kv_caches, meta)
+
+        results = [ChunkResult() for _ in chunks]
+        if sample_index:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=dev)])
+            out = sample(logits, SamplingBatch(sample_rows, dev))
+            sampling_chunks = [ci for ci, c in enumerate(chunks) if c.samples]
+            for j, ci in enumerate(sampling_chunks):
+                results[ci].token = out.token_ids[j]
+                results[ci].logprobs = out.logprobs[j]
+        for ci, index, next_tokens, k in scored:
+            logits = self.model.compute_logits(hidden[torch.tensor(index, device=dev)])
+            results[ci].prompt_logprobs = prompt_logprobs(logits, torch.tensor(next_tokens, device=dev), k)
+        # Back to the plan's order.
+        aligned: list[ChunkResult] = [ChunkResult()] * len(chunks)
+        for pos_in_sorted, original in enumerate(order):
+            aligned[original] = results[pos_in_sorted]
+        return aligned

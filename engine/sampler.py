@@ -1,0 +1,136 @@
+"""Token sampling on the device for a whole batch: penalties, temperature, top-k/top-p/min-p,
+per-request seeds, logprobs. One host transfer per step, at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .messages import SamplingParams
+
+_MASK = 2**63 - 1
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+class SamplingBatch:
+    """Per-row sampling parameters as tensors, built once per step."""
+
+    def __init__(self, rows: list[SamplingRow], device: torch.device):
+        self.rows = rows
+        self.device = device
+        params = [r.params for r in rows]
+        self.all_greedy = all(p.greedy for p in params)
+        self.temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+                                        dtype=torch.float32, device=device)
+        self.greedy_mask = torch.tensor([p.greedy for p in params], device=device)
+        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+        self.top_k = torch.tensor(top_k, device=device) if any(top_k) else None
+        self.top_p = (torch.tensor([p.top_p for p in params], device=device)
+                      if any(p.top_p < 1.0 for p in params) else None)
+        self.min_p = (torch.tensor([p.min_p for p in params], device=device)
+                      if any(p.min_p > 0.0 for p in params) else None)
+        self.has_penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+                                 for p in params)
+        self.max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+
+    def _token_counts(self, vocab: int, which: str) -> torch.Tensor:
+        """[N, vocab] counts of each row's output (or prompt+output) tokens."""
+        seqs = [r.output_token_ids if which == "output" else r.prompt_token_ids + r.output_token_ids
+                for r in self.rows]
+        width = max((len(s) for s in seqs), default=0)
+        counts = torch.zeros(len(seqs), vocab + 1, device=self.device)
+        if width:
+            padded = torch.full((len(seqs), width), vocab, dtype=torch.int64)  # pad into a spare column
+            for i, s in enumerate(seqs):
+                padded[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
+            padded = padded.to(self.device)
+            counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
+        return counts[:, :vocab]
+
+    def apply_penalties(self, logits: torch.Tensor) -> torch.Tensor:
+        vocab = logits.shape[1]
+        params = [r.params for r in self.rows]
+        rep = torch.tensor([p.repetition_penalty for p in params], device=self.device)[:, None]
+        if (rep != 1.0).any():
+            seen = self._token_counts(vocab, "all") > 0
+            penalized = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(seen, penalized, logits)
+        freq = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
+        if (freq != 0).any() or (presence != 0).any():
+            counts = self._token_counts(vocab, "output")
+            logits = logits - freq * counts - presence * (counts > 0).float()
+        return logits
+
+    def exponential_noise(self, shape) -> torch.Tensor:
+        """Exp(1) noise; seeded rows draw theirs from a generator keyed by (seed, output index),
+        so the same request yields the same tokens whatever else is in the batch."""
+        noise = torch.empty(shape, device=self.device).exponential_()
+        for i, row in enumerate(self.rows):
+            seed = row.params.seed
+            if seed is not None and not row.params.greedy:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(hash((seed, len(row.output_token_ids))) & _MASK)
+                noise[i] = torch.empty(shape[1], device=self.device).exponential_(generator=gen)
+        return noise
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: (logprob of the sampled token, top ids, top logprobs) when the row asked for logprobs.
+    logprobs: list[tuple[float, list[int], list[float]] | None]
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
+    if batch.has_penalties:
+        logits = batch.apply_penalties(logits)
+    tokens = logits.argmax(dim=-1)
+    if not batch.all_greedy:
+        scaled = logits / batch.temperature[:, None]
+        if batch.top_k is not None:
+            k = torch.where(batch.top_k > 0, batch.top_k, scaled.shape[1]).clamp(max=scaled.shape[1])
+            kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        if batch.top_p is not None:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
+            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= batch.top_p[:, None]
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+        if batch.min_p is not None:
+            threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        sampled = (probs / batch.exponential_noise(probs.shape)).argmax(dim=-1)
+        tokens = torch.where(batch.greedy_mask, tokens, sampled)
+    logprobs: list = [None] * len(batch.rows)
+    if raw_logprobs is not None:
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        top_vals, top_ids = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
+        chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
+        for i, row in enumerate(batch.rows):
+            k = row.params.logprobs
+            if k is not None:
+                logprobs[i] = (chosen[i], top_ids[i][:k], top_vals[i][:k])
+    return SamplerOutput(tokens.tolist(), logprobs)
+
+
+def prompt_logprobs(logits: torch.Tensor, next_tokens: torch.Tensor, k: int):
+    """Logprob of each next prompt token under the logits before it, with the top-k alternatives."""
+    lp = torch.log_softmax(logits, dim=-1)
+    chosen = lp.gather(1, next_tokens[:, None]).squeeze(1).tolist()
+    if k > 0:
+        vals, ids = lp.topk(k, dim=-1)
+        vals, ids = vals.tolist(), ids.tolist()
+    else:
+        vals = ids = [[] for _ in chosen]
+    return list(zip(chosen, ids, vals))

@@ -1,0 +1,1 @@
+"""One module per engine-level scheduling policy; each registers itself with `@register(name)`."""
