@@ -95,7 +95,8 @@ class ModelRunner:
             params: SamplingParams = req.payload
             if chunk.samples:
                 sample_index.append(base + n - 1)
-                sample_rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids))
+                sample_rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids,
+                                               self.config.eos_token_ids))
             if (params.prompt_logprobs is not None and req.num_output_tokens == 0
                     and start < req.num_prompt_tokens - 1):
                 end = min(start + n, req.num_prompt_tokens - 1)

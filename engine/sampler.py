@@ -17,6 +17,14 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def banned_tokens(self) -> list[int]:
+        """Tokens that would end the request before `min_tokens` outputs: masked out, as vLLM does."""
+        if len(self.output_token_ids) >= self.params.min_tokens:
+            return []
+        eos = [] if self.params.ignore_eos else list(self.eos_token_ids)
+        return eos + list(self.params.stop_token_ids)
 
 
 class SamplingBatch:
@@ -39,6 +47,8 @@ class SamplingBatch:
         self.has_penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                                  for p in params)
         self.max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        self.banned = [(i, r.banned_tokens()) for i, r in enumerate(rows)]
+        self.banned = [(i, b) for i, b in self.banned if b]
 
     def _token_counts(self, vocab: int, which: str) -> torch.Tensor:
         """[N, vocab] counts of each row's output (or prompt+output) tokens."""
@@ -93,6 +103,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
     if batch.has_penalties:
         logits = batch.apply_penalties(logits)
+    if batch.banned:
+        logits = logits.clone()
+        for i, tokens in batch.banned:
+            logits[i, tokens] = float("-inf")
     tokens = logits.argmax(dim=-1)
     if not batch.all_greedy:
         scaled = logits / batch.temperature[:, None]

@@ -15,10 +15,13 @@ for _module in pkgutil.iter_modules(policies.__path__):
 
 
 def make_scheduler(name: str, config: SchedulerConfig, kv: KVBlockManager, knobs=None) -> Scheduler:
+    """`knobs`: the policy's Knobs, or a dict of overrides of its defaults."""
     try:
         cls = SCHEDULERS[name]
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(sorted(SCHEDULERS))}") from None
+    if isinstance(knobs, dict):
+        knobs = cls.Knobs(**knobs)
     return cls(config, kv, knobs)
 
 

@@ -1,0 +1,142 @@
+"""Engine behaviour beyond exactness: sampling, stops, aborts, bad input, no KV leaks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.messages import GenerateRequest
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(str(tiny_models["llama"]), dtype="float32", num_kv_blocks=256)
+
+
+@pytest.fixture(autouse=True)
+def no_leak(request):
+    yield
+    if "llm" in request.fixturenames:
+        engine = request.getfixturevalue("llm").engine
+        assert engine.kv.num_free_blocks == engine.kv.num_blocks
+        assert not engine.has_work()
+
+
+PROMPT = [5, 9, 33, 101, 7, 8, 250]
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=20, seed=1234, ignore_eos=True)
+    alone = llm.generate([PROMPT], p)[0].token_ids
+    others = SamplingParams(temperature=0.8, max_tokens=30, ignore_eos=True)
+    batched = llm.generate([[3, 4] * 40, PROMPT, [11] * 5], [others, p, others])[1].token_ids
+    assert alone == batched
+    different_seed = llm.generate([PROMPT], SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=20,
+                                                          seed=99, ignore_eos=True))[0].token_ids
+    assert different_seed != alone
+
+
+def test_unseeded_sampling_varies_and_top_k_1_is_greedy(llm):
+    runs = {tuple(llm.generate([PROMPT], SamplingParams(temperature=1.5, max_tokens=12, ignore_eos=True))[0].token_ids)
+            for _ in range(4)}
+    assert len(runs) > 1
+    greedy = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0].token_ids
+    top1 = llm.generate([PROMPT], SamplingParams(temperature=1.0, top_k=1, max_tokens=12, ignore_eos=True))[0].token_ids
+    tiny_p = llm.generate([PROMPT], SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12, ignore_eos=True))[0].token_ids
+    assert greedy == top1 == tiny_p
+
+
+def test_repetition_penalty_changes_greedy_output(llm):
+    plain = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].token_ids
+    penalized = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                                      repetition_penalty=50.0))[0].token_ids
+    assert len(set(penalized)) == len(penalized)  # a huge penalty forbids any repeat
+    assert penalized != plain or len(set(plain)) == len(plain)
+    freq = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                                 frequency_penalty=2.0, presence_penalty=2.0))[0].token_ids
+    assert len(set(freq)) >= len(set(plain))
+
+
+def test_stop_token_ids_min_tokens_and_eos(llm):
+    greedy = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].token_ids
+    stop_at = greedy[5]
+    first = greedy.index(stop_at)
+    out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == greedy[:first + 1] and out.finish_reason == "stop"
+    out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[stop_at],
+                                                min_tokens=first + 1))[0]
+    assert len(out.token_ids) > first + 1 and stop_at not in out.token_ids[:first + 1]
+
+
+def test_max_tokens_zero_scores_prompt(llm):
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+    assert out.token_ids == [] and out.finish_reason == "length"
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(PROMPT)
+    assert all(e.logprob <= 0 for e in out.prompt_logprobs[1:])
+
+
+def test_prompt_logprobs_match_generation_logprobs(llm):
+    """Scoring prompt + generated text must give the logprobs generation reported."""
+    gen = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0))[0]
+    scored = llm.generate([PROMPT + gen.token_ids], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    for mine, ref in zip(scored.prompt_logprobs[len(PROMPT):], gen.logprobs):
+        assert abs(mine.logprob - ref.logprob) < 1e-4
+
+
+def test_abort_mid_generation_frees_blocks(llm):
+    engine = llm.engine
+    for i in range(6):
+        engine.add_request(GenerateRequest(f"a{i}", [7 + i] * (20 + 30 * i),
+                                           SamplingParams(max_tokens=50, ignore_eos=True), time.monotonic()))
+    for _ in range(5):
+        engine.step()
+    assert engine.kv.num_free_blocks < engine.kv.num_blocks
+    for i in range(6):
+        assert engine.abort(f"a{i}").finish_reason == "abort"
+    assert engine.abort("a0") is None  # already gone
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([1] * 1024, SamplingParams(), "maximum context length"),
+    ([], SamplingParams(), "empty"),
+    ([1, 2], SamplingParams(max_tokens=-1), "max_tokens"),
+    ([1, 2], SamplingParams(temperature=-0.5), "temperature"),
+    ([1, 2], SamplingParams(top_p=0.0), "top_p"),
+    ([1, 2], SamplingParams(top_p=1.5), "top_p"),
+    ([1, 99999], SamplingParams(), "token ids"),
+])
+def test_bad_input_raises_and_engine_keeps_serving(llm, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate([[5, 6, 7], prompt], params)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+
+
+def test_unknown_architecture_and_missing_weights(tmp_path, tiny_models):
+    import json
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_models["llama"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
+        LLM(str(bad))
+    noweights = tmp_path / "noweights"
+    shutil.copytree(tiny_models["llama"], noweights)
+    for f in noweights.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match="safetensors"):
+        LLM(str(noweights))
+
+
+def test_text_prompts_and_stop_strings_with_demo_model():
+    llm = LLM(None, num_kv_blocks=128)
+    out = llm.generate("hello there", SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0]
+    assert out.text and len(out.token_ids) == 20
+    stop = out.text[5:8]
+    cut = llm.generate("hello there", SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == out.text[:out.text.index(stop)]
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
