@@ -76,6 +76,29 @@ class GenerateRequest(msgspec.Struct, tag=True):
 
 class Abort(msgspec.Struct, tag=True):
     request_id: str
+    worker_id: int = -1  # the owner, as the balancer reported it
+
+
+class Routed(msgspec.Struct, tag=True):
+    """Balancer to server: where a request went (so aborts and worker failures find it)."""
+    request_id: str
+    worker_id: int
+
+
+class RouteFailed(msgspec.Struct, tag=True):
+    request_id: str
+    error: str
+
+
+class WorkerDown(msgspec.Struct, tag=True):
+    """Server to balancer: stop routing to this worker; the balancer answers with the same message
+    once nothing more will be sent to it."""
+    worker_id: int
+
+
+class WorkerUp(msgspec.Struct, tag=True):
+    worker_id: int
+    incarnation: int
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -103,6 +126,7 @@ class TokenOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_cached_tokens: int = 0
     timings: RequestTimings | None = None
     error: str | None = None
+    status: int = 0  # with `error`: the HTTP status it maps to (400 refused input, 503 worker lost)
 
 
 class StepOutputs(msgspec.Struct, tag=True):
@@ -126,12 +150,29 @@ class LoadReport(msgspec.Struct, tag=True):
     requests_in: int = 0  # requests this worker has received in total (balancer reconciles on it)
     counters: dict[str, int] = {}
     time: float = 0.0
+    incarnation: int = 0  # which start of this worker sent it; stale reports are dropped
 
 
 class WorkerReady(msgspec.Struct, tag=True):
     worker_id: int
+    incarnation: int
     num_kv_blocks: int
     block_size: int
     max_model_len: int
     device: str
     attention_backend: str
+    model: str
+    error: str | None = None  # the worker could not start: why
+
+
+class WorkerFailed(msgspec.Struct, tag=True):
+    """A worker hit an error it cannot recover from; the server fails its requests."""
+    worker_id: int
+    error: str
+
+
+# What travels on each queue.
+ToBalancer = GenerateRequest | Abort | WorkerDown | WorkerUp | Shutdown
+FromBalancer = Routed | RouteFailed | WorkerDown | LoadReport
+ToWorker = GenerateRequest | Abort | Shutdown
+FromWorker = StepOutputs | WorkerReady | WorkerFailed

@@ -1,0 +1,1 @@
+"""One module per balancer policy; each registers itself with `@register(name)`."""

@@ -1,0 +1,108 @@
+"""The worker process: one engine on one device, fed by the balancer, answering the server.
+
+Loop: take every message waiting (new requests, aborts), run one step if there is work, send that
+step's outputs to the server in one message and a load report to the balancer. With no work, block
+on the input queue. A request the engine refuses ends at once with its error; it never stops the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+import traceback
+
+from .ipc import QueueSpec, ShmQueue
+from .messages import (Abort, FromWorker, GenerateRequest, LoadReport, Shutdown, StepOutputs, ToWorker,
+                       TokenOutput, WorkerFailed, WorkerReady)
+
+log = logging.getLogger(__name__)
+
+
+def worker_main(worker_id: int, incarnation: int, model_path: str, engine_args, threads: int,
+                inbox: QueueSpec, outbox: QueueSpec, reports: QueueSpec, log_level: int = logging.INFO) -> None:
+    detach_from_terminal()
+    logging.basicConfig(level=log_level, format=f"%(asctime)s worker{worker_id} %(levelname)s %(message)s")
+    import torch
+    torch.set_num_threads(threads)
+    from .engine_core import EngineCore
+
+    inq = ShmQueue.attach(inbox, ToWorker)
+    outq = ShmQueue.attach(outbox, FromWorker)
+    reportq = ShmQueue.attach(reports, LoadReport)
+    try:
+        engine = EngineCore(model_path, engine_args, worker_id)
+    except Exception as e:  # noqa: BLE001 - reported to the server, which exits with it
+        outq.put(WorkerReady(worker_id, incarnation, 0, 0, 0, "", "", str(model_path), error=f"{type(e).__name__}: {e}"))
+        return
+    outq.put(WorkerReady(worker_id, incarnation, engine.kv.num_blocks, engine_args.block_size, engine.max_model_len,
+                         str(engine.runner.device), engine.runner.backend.name, str(model_path)))
+    Worker(worker_id, incarnation, engine, inq, outq, reportq).run()
+
+
+class Worker:
+    def __init__(self, worker_id, incarnation, engine, inq, outq, reportq):
+        self.worker_id, self.incarnation = worker_id, incarnation
+        self.engine, self.inq, self.outq, self.reportq = engine, inq, outq, reportq
+
+    def report(self) -> None:
+        r: LoadReport = self.engine.load_report()
+        r.incarnation = self.incarnation
+        try:  # a report is superseded by the next one, so a full queue just skips it
+            self.reportq.put(r, timeout=0)
+        except queue.Full:
+            pass
+
+    def handle(self, msg, outputs: list[TokenOutput]) -> bool:
+        """Apply one message; False on shutdown."""
+        if isinstance(msg, GenerateRequest):
+            try:
+                self.engine.add_request(msg)
+            except ValueError as e:
+                outputs.append(TokenOutput(msg.request_id, [], finish_reason="error", error=str(e), status=400))
+        elif isinstance(msg, Abort):
+            out = self.engine.abort(msg.request_id)
+            if out is not None:
+                outputs.append(out)
+        elif isinstance(msg, Shutdown):
+            return False
+        return True
+
+    def run(self) -> None:
+        running = True
+        while running:
+            outputs: list[TokenOutput] = []
+            msgs = self.inq.drain() if self.engine.has_work() else [self.inq.get(timeout=None)] + self.inq.drain()
+            for msg in msgs:
+                running = self.handle(msg, outputs) and running
+            if running and self.engine.has_work():
+                try:
+                    outputs += self.engine.step()
+                except Exception:  # noqa: BLE001 - a failed step loses its batch, not the worker's peers
+                    self.fail(traceback.format_exc())
+                    raise
+            if outputs:
+                self.outq.put(StepOutputs(self.worker_id, outputs))
+            self.report()
+
+    def fail(self, error: str) -> None:
+        log.error("step failed:\n%s", error)
+        self.outq.put(WorkerFailed(self.worker_id, error.strip().splitlines()[-1]))
+
+
+def cpu_threads_per_worker(num_workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(num_workers, 1))
+
+
+def detach_from_terminal() -> None:
+    """Children leave SIGINT/SIGTERM to the server (which stops them in order, also when the whole
+    process group is signalled) and die with it if it is killed outright: no orphan outlives it."""
+    import ctypes
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass

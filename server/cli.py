@@ -1,0 +1,160 @@
+"""`python -m server`: flags named as vLLM names them, plus one flag per policy knob
+(`--<policy>-<knob>`), generated from each policy's Knobs so adding a policy touches nothing here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+log = logging.getLogger("server")
+
+
+def add_knob_flags(parser: argparse.ArgumentParser, kind: str, registry: dict) -> None:
+    group = parser.add_argument_group(f"{kind} policy knobs")
+    for policy, cls in sorted(registry.items()):
+        for f in dataclasses.fields(cls.Knobs):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            flag = f"--{policy}-{f.name}".replace("_", "-")
+            kwargs = dict(dest=f"knob:{kind}:{policy}:{f.name}", default=None, help=f"default {default!r}")
+            if isinstance(default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            else:
+                group.add_argument(flag, type=type(default) if default is not None else float, **kwargs)
+
+
+def knob_values(args: argparse.Namespace, kind: str, policy: str) -> dict:
+    prefix = f"knob:{kind}:{policy}:"
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from balancer import BALANCERS
+    from scheduling import SCHEDULERS
+    p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible LLM server")
+    p.add_argument("--model", default=None, help="local Hugging Face model directory (default: the built-in demo model)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("HALFFULL_API_KEY"))
+    p.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics too")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "half", "float"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size per worker")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker (overrides the size)")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "flash-attn", "torch-flash", "triton", "torch"])
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    p.add_argument("--workers", type=int, default=None, help="engine workers (default: one per GPU, else 1)")
+    p.add_argument("--devices", default=None, help="comma-separated CUDA device ids, one worker each")
+    p.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
+    p.add_argument("--balancer", default="round-robin", choices=sorted(BALANCERS))
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="refuse new requests with 429 while this many wait for their first token")
+    p.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--shutdown-grace-s", type=float, default=10.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info")
+    add_knob_flags(p, "scheduler", SCHEDULERS)
+    add_knob_flags(p, "balancer", BALANCERS)
+    return p.parse_args(argv)
+
+
+def worker_devices(args) -> list[str]:
+    if args.devices:
+        return [f"cuda:{d.strip()}" for d in args.devices.split(",")]
+    import torch
+    if torch.cuda.is_available():
+        n = args.workers or torch.cuda.device_count()
+        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(n)]
+    return ["cpu"] * (args.workers or 1)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    level = getattr(logging, args.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import uvicorn
+
+    from engine.config import EngineArgs
+    from engine.demo import ensure_demo_model
+    from engine.tokenizer import load_tokenizer
+
+    from .app import AppState, ServerConfig, build_app
+    from .engine_client import EngineClient
+
+    model_path = Path(args.model) if args.model else ensure_demo_model()
+    if not (model_path / "config.json").is_file():
+        raise SystemExit(f"error: no config.json in {model_path}: --model must be a local Hugging Face model directory")
+    name = args.served_model_name or (args.model or "halffull-demo")
+    engine_args = EngineArgs(
+        dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gb=args.kv_cache_gb,
+        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
+        scheduler=args.scheduler, scheduler_knobs=knob_values(args, "scheduler", args.scheduler),
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        load_format=args.load_format, seed=args.seed)
+    devices = worker_devices(args)
+    tokenizer = load_tokenizer(model_path)
+    vocab_size = json.loads((model_path / "config.json").read_text())["vocab_size"]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        client = EngineClient(str(model_path), engine_args, devices, args.balancer,
+                              knob_values(args, "balancer", args.balancer), args.seed, level)
+        ready = await client.start()
+        for r in ready:
+            log.info("worker %d ready on %s: %d KV blocks of %d tokens (%d tokens), attention %s, max_model_len %d",
+                     r.worker_id, r.device, r.num_kv_blocks, r.block_size, r.num_kv_blocks * r.block_size,
+                     r.attention_backend, r.max_model_len)
+        log.info("serving %s (%s) with %d worker(s), scheduler %s, balancer %s, at http://%s:%d/v1",
+                 name, model_path, len(ready), args.scheduler, args.balancer, args.host, args.port)
+        app.state.halffull = AppState(client, tokenizer, ServerConfig(
+            served_model_name=name, max_model_len=ready[0].max_model_len, vocab_size=vocab_size,
+            api_key=args.api_key, protect_metrics=args.protect_metrics,
+            max_queued_requests=args.max_queued_requests, max_request_body_bytes=args.max_request_body_bytes))
+        try:
+            yield
+        finally:
+            await client.shutdown(args.shutdown_grace_s)
+            log.info("shut down cleanly")
+
+    config = uvicorn.Config(build_app(lifespan), host=args.host, port=args.port, loop="uvloop", http="httptools",
+                            access_log=False, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_grace_s)
+    server = _clean_exit_server()(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(1)
+
+
+def _clean_exit_server():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class CleanExitServer(uvicorn.Server):
+        """uvicorn re-raises SIGINT/SIGTERM after a graceful shutdown, so the process would die by
+        the signal; a server that shut down cleanly should exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+    return CleanExitServer
