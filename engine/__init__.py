@@ -1,14 +1,20 @@
-"""The engine: Llama-family models over a paged KV cache, run step by step by a scheduling policy."""
+"""The engine: Llama-family models over a paged KV cache, run step by step by a scheduling policy.
 
-from .config import EngineArgs
+`from engine import LLM, SamplingParams, EngineArgs`. Importing the package is cheap; torch and
+transformers load when `LLM` or `EngineArgs` is first used, so processes that only speak the wire
+messages (the balancer, the load generator) never import them.
+"""
+
 from .messages import SamplingParams
 
 
 def __getattr__(name):
-    # `LLM` pulls in torch and transformers; import it only when asked for.
     if name == "LLM":
         from .llm import LLM
         return LLM
+    if name == "EngineArgs":
+        from .config import EngineArgs
+        return EngineArgs
     raise AttributeError(name)
 
 
