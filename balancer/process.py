@@ -81,7 +81,7 @@ class Balancer:
 
 def balancer_main(policy_name: str, knobs: dict, seed: int, inbox: QueueSpec, outbox: QueueSpec,
                   to_workers: list[QueueSpec], reports: list[QueueSpec], log_level: int = logging.INFO) -> None:
-    detach_from_terminal()
+    detach_from_terminal("halffull-bal")
     logging.basicConfig(level=log_level, format="%(asctime)s balancer %(levelname)s %(message)s")
     import uvloop
     balancer = Balancer(make_balancer(policy_name, knobs, seed), ShmQueue.attach(inbox, ToBalancer),

@@ -35,6 +35,11 @@ class EngineCore:
             args.max_num_batched_tokens = 2048 if device.type == "cuda" else 512
         self.runner = ModelRunner(config, args, self.max_model_len)
         self.kv = KVBlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        pool_tokens = self.kv.num_blocks * args.block_size
+        if self.max_model_len > pool_tokens:
+            # A sequence longer than the whole pool could never be scheduled again once it grew.
+            log.warning("max_model_len %d exceeds the KV pool (%d tokens); capping it", self.max_model_len, pool_tokens)
+            self.max_model_len = pool_tokens
         sched_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_model_len=self.max_model_len,

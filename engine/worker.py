@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def worker_main(worker_id: int, incarnation: int, model_path: str, engine_args, threads: int,
                 inbox: QueueSpec, outbox: QueueSpec, reports: QueueSpec, log_level: int = logging.INFO) -> None:
-    detach_from_terminal()
+    detach_from_terminal(f"halffull-w{worker_id}")
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker{worker_id} %(levelname)s %(message)s")
     import torch
     torch.set_num_threads(threads)
@@ -95,14 +95,17 @@ def cpu_threads_per_worker(num_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(num_workers, 1))
 
 
-def detach_from_terminal() -> None:
+def detach_from_terminal(name: str) -> None:
     """Children leave SIGINT/SIGTERM to the server (which stops them in order, also when the whole
-    process group is signalled) and die with it if it is killed outright: no orphan outlives it."""
+    process group is signalled) and die with it if it is killed outright: no orphan outlives it.
+    `name` becomes the process name that ps and top show (at most 15 bytes)."""
     import ctypes
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc = ctypes.CDLL("libc.so.6")
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(15, name.encode()[:15])  # PR_SET_NAME
     except OSError:
         pass

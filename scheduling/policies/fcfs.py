@@ -32,7 +32,10 @@ class FCFS(Scheduler):
                 continue
             chunk = self.continue_running(request, budget)
             while chunk is None:
-                victim = self.running[-1]
+                # The newest running request not yet served this step (`order` may differ from
+                # admission order); at worst the request itself.
+                served = {c.request for c in plan.chunks}
+                victim = next(r for r in reversed(self.running) if r not in served)
                 self.preempt(victim)
                 plan.preempted.append(victim)
                 if victim is request:
