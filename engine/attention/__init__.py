@@ -34,7 +34,7 @@ class AttentionMetadata:
 BACKENDS = ("flash-attn", "torch-flash", "triton", "torch")
 
 
-def make_backend(name: str, device: torch.device):
+def make_backend(name: str, device: torch.device, block_size: int = 16):
     """The attention backend called `name`, or with `auto` the first of BACKENDS that works here."""
     from .torch_backend import TorchAttentionBackend
     if name == "torch":
@@ -44,7 +44,7 @@ def make_backend(name: str, device: torch.device):
             return TorchAttentionBackend()
         for candidate in BACKENDS[:-1]:
             try:
-                return make_backend(candidate, device)
+                return make_backend(candidate, device, block_size)
             except (ImportError, RuntimeError) as e:
                 log.info("attention backend %s unavailable: %s", candidate, e)
         return TorchAttentionBackend()
@@ -53,5 +53,5 @@ def make_backend(name: str, device: torch.device):
         return TritonAttentionBackend()
     if name in ("flash-attn", "torch-flash"):
         from . import flash_backend
-        return flash_backend.make(name)
+        return flash_backend.make(name, block_size)
     raise ValueError(f"unknown attention backend {name!r}; choose auto, {', '.join(BACKENDS)}")

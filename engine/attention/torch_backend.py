@@ -22,21 +22,31 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 class TorchAttentionBackend:
     name = "torch"
 
+    def __init__(self):
+        self._layout_for = None  # the step metadata the cached decode layout belongs to
+        self._layout = None
+
+    def _decode_layout(self, meta, block_size: int):
+        """Block tables and padding mask of the step's decodes, built once per step, not per layer."""
+        if self._layout_for is not meta:
+            nd = meta.num_decodes
+            max_len = max(meta.seq_lens_host[:nd])
+            tables = meta.block_tables[:nd, : -(-max_len // block_size)]
+            mask = (torch.arange(max_len, device=tables.device)[None, :] < meta.seq_lens[:nd, None])[:, None, None, :]
+            self._layout_for, self._layout = meta, (tables, mask, max_len)
+        return self._layout
+
     def forward(self, q, k, v, k_cache, v_cache, meta, scale) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
             # All decodes at once: pad every context to the longest and mask the tail.
-            max_len = max(meta.seq_lens_host[:nd])
-            block_size = k_cache.shape[1]
-            tables = meta.block_tables[:nd, : -(-max_len // block_size)]
+            tables, mask, max_len = self._decode_layout(meta, k_cache.shape[1])
             keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [S, Hkv, L, D]
             values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-            mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:nd, None]
             out[:nd] = F.scaled_dot_product_attention(
-                q[:nd].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale,
-                enable_gqa=True).squeeze(2)
+                q[:nd].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
         start = nd
         for i in range(nd, len(meta.seq_lens_host)):
             q_len, seq_len = meta.query_lens_host[i], meta.seq_lens_host[i]
