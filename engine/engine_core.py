@@ -62,6 +62,8 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(t < 0 or t >= vocab for t in req.sampling.stop_token_ids):  # the sampler indexes logits with them
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         req.sampling.validate()

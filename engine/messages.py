@@ -39,8 +39,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             bad("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be in (0, 1]")
-        if self.top_k < -1:
-            bad("top_k", "must be -1 (off), 0 (off) or positive")
+        if not -1 <= self.top_k < 2**63:  # it becomes an int64 tensor
+            bad("top_k", "must be -1 (off), 0 (off) or positive (and fit in 64 bits)")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", "must be in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):

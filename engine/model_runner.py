@@ -37,15 +37,22 @@ class ModelRunner:
         self.args = args
         self.device = args.resolved_device()
         self.block_size = args.block_size
-        self.backend = make_backend(args.attention_backend, self.device)
+        self.backend = make_backend(args.attention_backend, self.device, args.block_size)
         torch.manual_seed(args.seed)
         self.model = load_model(config, self.backend, self.device, max_model_len,
                                 random_weights=args.load_format == "dummy")
         self.num_blocks = self._num_kv_blocks()
-        shape = (self.num_blocks, self.block_size, config.num_kv_heads, config.head_dim)
+        # One block more than the KV manager hands out: a scratch block that padded rows of a
+        # CUDA-graph batch write into, so no real block is ever touched by padding.
+        shape = (self.num_blocks + 1, self.block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=config.dtype, device=self.device),
                            torch.zeros(shape, dtype=config.dtype, device=self.device))
                           for _ in range(config.num_layers)]
+        self.graphs = None
+        if self.device.type == "cuda" and not args.enforce_eager and self.backend.name != "torch":
+            from .cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, min(args.max_num_seqs, 512), max_model_len,
+                                       self.block_size, self.num_blocks, self.device)
 
     @property
     def block_bytes(self) -> int:
@@ -103,24 +110,10 @@ class ModelRunner:
                 scored.append((ci, list(range(base, base + end - start)),
                                req.prompt_token_ids[start + 1:end + 1], params.prompt_logprobs))
         dev = self.device
-        width = max(len(t) for t in tables)
-        table = torch.zeros((len(tables), width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=table.to(dev, non_blocking=True),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            num_decodes=sum(1 for q in query_lens if q == 1),
-            query_lens_host=query_lens, seq_lens_host=seq_lens)
-        input_ids = torch.tensor(tokens, dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        hidden = self.model(input_ids, pos, self.kv_caches, meta)
+        if self.graphs is not None and len(query_lens) == len(tokens) <= self.graphs.max_batch:
+            hidden = self.graphs.run(tokens, positions, slots, seq_lens, tables)
+        else:
+            hidden = self._forward_eager(tokens, positions, slots, query_lens, seq_lens, tables)
 
         results = [ChunkResult() for _ in chunks]
         if sample_index:
@@ -138,3 +131,25 @@ class ModelRunner:
         for pos_in_sorted, original in enumerate(order):
             aligned[original] = results[pos_in_sorted]
         return aligned
+
+    def _upload(self, values, dtype) -> torch.Tensor:
+        """A host list or tensor on the device; through pinned memory on CUDA, so the copy is async."""
+        host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _forward_eager(self, tokens, positions, slots, query_lens, seq_lens, tables) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        table = torch.zeros((len(tables), width), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        meta = AttentionMetadata(
+            slot_mapping=self._upload(slots, torch.int64), query_start_loc=self._upload(qsl, torch.int32),
+            seq_lens=self._upload(seq_lens, torch.int32), block_tables=self._upload(table, torch.int32),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            num_decodes=sum(1 for q in query_lens if q == 1), query_lens_host=query_lens, seq_lens_host=seq_lens)
+        return self.model(self._upload(tokens, torch.int64), self._upload(positions, torch.int64), self.kv_caches, meta)

@@ -67,14 +67,15 @@ class SamplingBatch:
     def apply_penalties(self, logits: torch.Tensor) -> torch.Tensor:
         vocab = logits.shape[1]
         params = [r.params for r in self.rows]
+        # Which penalties apply is decided on the host: a device-side test would cost a sync.
         rep = torch.tensor([p.repetition_penalty for p in params], device=self.device)[:, None]
-        if (rep != 1.0).any():
+        if any(p.repetition_penalty != 1.0 for p in params):
             seen = self._token_counts(vocab, "all") > 0
             penalized = torch.where(logits > 0, logits / rep, logits * rep)
             logits = torch.where(seen, penalized, logits)
-        freq = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
-        if (freq != 0).any() or (presence != 0).any():
+        if any(p.frequency_penalty or p.presence_penalty for p in params):
+            freq = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
+            presence = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
             counts = self._token_counts(vocab, "output")
             logits = logits - freq * counts - presence * (counts > 0).float()
         return logits
