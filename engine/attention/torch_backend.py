@@ -16,7 +16,8 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     """The first `length` cached tokens of one sequence, [length, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
     num_blocks = -(-length // block_size)
-    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+    # index_select with int64 ids is several times faster on CPU than indexing with int32 ones.
+    return cache.index_select(0, block_table[:num_blocks].long()).flatten(0, 1)[:length]
 
 
 class TorchAttentionBackend:
@@ -31,7 +32,7 @@ class TorchAttentionBackend:
         if self._layout_for is not meta:
             nd = meta.num_decodes
             max_len = max(meta.seq_lens_host[:nd])
-            tables = meta.block_tables[:nd, : -(-max_len // block_size)]
+            tables = meta.block_tables[:nd, : -(-max_len // block_size)].flatten().long()
             mask = (torch.arange(max_len, device=tables.device)[None, :] < meta.seq_lens[:nd, None])[:, None, None, :]
             self._layout_for, self._layout = meta, (tables, mask, max_len)
         return self._layout
@@ -43,8 +44,9 @@ class TorchAttentionBackend:
         if nd:
             # All decodes at once: pad every context to the longest and mask the tail.
             tables, mask, max_len = self._decode_layout(meta, k_cache.shape[1])
-            keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [S, Hkv, L, D]
-            values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+            shape = (nd, -1) + tuple(k_cache.shape[2:])
+            keys = k_cache.index_select(0, tables).view(shape)[:, :max_len].transpose(1, 2)  # [S, Hkv, L, D]
+            values = v_cache.index_select(0, tables).view(shape)[:, :max_len].transpose(1, 2)
             out[:nd] = F.scaled_dot_product_attention(
                 q[:nd].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
         start = nd
