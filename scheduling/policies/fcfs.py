@@ -9,7 +9,7 @@ admits nothing new.
 
 from __future__ import annotations
 
-from ..request import Request
+from ..request import Request, Status
 from ..scheduler import Chunk, Scheduler, StepPlan, register
 
 
@@ -28,7 +28,7 @@ class FCFS(Scheduler):
         for request in list(self.running if order is None else order):
             if budget <= 0:
                 break
-            if request not in self.running:  # preempted earlier in this loop
+            if request.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             chunk = self.continue_running(request, budget)
             while chunk is None:
