@@ -2,59 +2,29 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from loadgen.scrape import parse_prometheus
+from server_utils import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not (ROOT / "server" / "__main__.py").exists(), reason="server not written yet")
-READY_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {READY_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def server_process():
+    # Two workers behind SAL, the token-aware balancer: the runs below must reach both.
+    server = ServerProcess("--workers", "2", "--balancer", "sal")
+    yield server
+    assert server.stop() == 0, server.output()
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    return server_process.url + "/v1"
 
 
 def run_loadgen(base_url: str, out: Path, *options: str) -> dict:
@@ -92,10 +62,17 @@ def test_completions_with_exact_token_lengths(server, tmp_path):
     assert all(r["input_tokens"] == 32 for r in results["requests"])
     server_side = results["server"]
     assert len(server_side["t_s"]) == len(server_side["num_requests_running"]) >= 2  # before and after
-    exported = parse_prometheus(httpx.get(server.removesuffix("/v1") + "/metrics").text)
-    if "halffull:num_requests_running" in exported:  # once the server exports samples of its gauges
-        assert server_side["available"]
-        assert any(v is not None for v in server_side["num_requests_running"])
+    assert server_side["available"]
+    assert any(v is not None for v in server_side["num_requests_running"])
+
+
+def test_sal_balancer_uses_both_workers(server, tmp_path):
+    run_loadgen(server, tmp_path, "--workload", "synthetic", "--input-len", "64", "--output-len", "32",
+                "--length-dist", "uniform", "--num-requests", "24", "--rate", "inf")
+    text = httpx.get(server.removesuffix("/v1") + "/metrics").text
+    received = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("halffull:worker_requests_total{")]
+    assert len(received) == 2 and min(received) >= 4, received
 
 
 def test_chat_with_varied_lengths_and_arrivals(server, tmp_path):

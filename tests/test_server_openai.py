@@ -1,5 +1,6 @@
 """The OpenAI-compatible API, through the official SDK against a real `python -m server`
-(demo model, two CPU workers), once per engine-level scheduling policy."""
+(demo model, two CPU workers): once per engine-level scheduling policy (behind round-robin), and
+once per token-aware balancer (over FCFS)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import pytest
 from scheduling import SCHEDULERS
 from server_utils import ServerProcess
 
-POLICIES = os.environ.get("HALFFULL_TEST_SCHEDULERS", ",".join(sorted(SCHEDULERS))).split(",")
+SCHEDULERS_UNDER_TEST = os.environ.get("HALFFULL_TEST_SCHEDULERS", ",".join(sorted(SCHEDULERS))).split(",")
+POLICIES = [(s, "round-robin") for s in SCHEDULERS_UNDER_TEST] + [("fcfs", "sal"), ("fcfs", "scls")]
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
 
 
-@pytest.fixture(scope="module", params=POLICIES)
+@pytest.fixture(scope="module", params=POLICIES, ids=lambda p: f"{p[0]}+{p[1]}")
 def server(request):
-    s = ServerProcess("--workers", "2", "--scheduler", request.param, "--num-kv-blocks", "512",
+    scheduler, balancer = request.param
+    s = ServerProcess("--workers", "2", "--scheduler", scheduler, "--balancer", balancer, "--num-kv-blocks", "512",
                       "--max-model-len", "1024")
     yield s
     assert s.stop() == 0, s.output()
