@@ -7,12 +7,12 @@ requests sent after that count are known one by one.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from engine.messages import GenerateRequest, LoadReport
+from scheduling.registry import Knobs, Registry
 
 
 @dataclass
@@ -44,20 +44,8 @@ class WorkerLoad:
         self.report, self.sent, self.unreported = None, 0, []
 
 
-@dataclass
-class Knobs:
-    """Base for a policy's tunables: fields become `--<policy>-<field>` flags."""
-
-
-BALANCERS: dict[str, type["BalancerPolicy"]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        cls.name = name
-        BALANCERS[name] = cls
-        return cls
-    return deco
+BALANCERS = Registry("balancer")
+register = BALANCERS.register
 
 
 class BalancerPolicy:
@@ -74,7 +62,3 @@ class BalancerPolicy:
 
     def on_report(self, report: LoadReport) -> None:
         """Hook for policies that learn from reports (fitted time models)."""
-
-
-def knob_fields(cls: type[BalancerPolicy]) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls.Knobs))

@@ -5,6 +5,7 @@ Used in-process by the offline `LLM` and inside each worker process by the serve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -125,11 +126,5 @@ class EngineCore:
         return outputs
 
     def load_report(self) -> LoadReport:
-        s = self.scheduler.stats()
-        return LoadReport(worker_id=self.worker_id, num_running=s.num_running, num_waiting=s.num_waiting,
-                          waiting_prefill_tokens=s.waiting_prefill_tokens, running_tokens=s.running_tokens,
-                          kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
-                          mean_step_time=s.mean_step_time, num_preemptions=s.num_preemptions,
-                          num_steps=s.num_steps, expected_output_tokens=s.expected_output_tokens,
-                          outstanding_tokens=s.outstanding_tokens, requests_in=self.requests_in,
-                          counters=dict(self.scheduler.counters), time=time.monotonic())
+        return LoadReport(worker_id=self.worker_id, requests_in=self.requests_in, counters=dict(self.scheduler.counters),
+                          time=time.monotonic(), **dataclasses.asdict(self.scheduler.stats()))

@@ -44,6 +44,7 @@ from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries
 from loadgen.report import plot_run, print_summary, write_results
 from loadgen.workload import build_schedule, clamp_to_context
 from scheduling import SCHEDULERS, KVBlockManager, Request, SchedulerConfig, make_scheduler
+from scheduling.registry import add_knob_flags, knob_values
 
 SAMPLED_TOKEN = 0  # what every step "samples": outputs end by length, so the id does not matter
 STALL_STEPS = 100_000  # steps in a row without a token after which a worker counts as livelocked
@@ -164,9 +165,9 @@ class Simulation:
                                  max_model_len=max_model_len)
         self.workers = [Worker(i, make_scheduler(args.scheduler, config,
                                                  KVBlockManager(num_kv_blocks, args.block_size, False),
-                                                 knob_values(args, "scheduler", args.scheduler)))
+                                                 knob_values(args, SCHEDULERS, args.scheduler)))
                         for i in range(args.workers)]
-        self.balancer = make_balancer(args.balancer, knob_values(args, "balancer", args.balancer), args.seed)
+        self.balancer = make_balancer(args.balancer, knob_values(args, BALANCERS, args.balancer), args.seed)
         self.loads = [WorkerLoad(i) for i in range(args.workers)]
         # With one worker no decision depends on a report: skip building them.
         self.reporting = args.workers > 1
@@ -348,24 +349,6 @@ class Simulation:
         return extras
 
 
-# ---- knobs as flags (as the server names them; loadgen does not import the server) --------------------
-def add_knob_flags(parser: argparse.ArgumentParser, kind: str, registry: dict) -> None:
-    group = parser.add_argument_group(f"{kind} policy knobs")
-    for policy, cls in sorted(registry.items()):
-        for f in dataclasses.fields(cls.Knobs):
-            flag = f"--{policy}-{f.name}".replace("_", "-")
-            kwargs = dict(dest=f"knob:{kind}:{policy}:{f.name}", default=None, help=f"default {f.default!r}")
-            if isinstance(f.default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            else:
-                group.add_argument(flag, type=type(f.default), metavar=type(f.default).__name__.upper(), **kwargs)
-
-
-def knob_values(args: argparse.Namespace, kind: str, policy: str) -> dict:
-    prefix = f"knob:{kind}:{policy}:"
-    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
-
-
 # ---- the command --------------------------------------------------------------------------------------
 def step_model(args) -> StepModel:
     if args.step_model:
@@ -463,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--strict-tbt-frac", type=float, default=0.0,
                    help="fraction of requests (seeded) with the strict TBT target instead")
     e.add_argument("--strict-tbt-ms", type=positive_float, default=100.0)
-    add_knob_flags(p, "scheduler", SCHEDULERS)
-    add_knob_flags(p, "balancer", BALANCERS)
+    add_knob_flags(p, SCHEDULERS)
+    add_knob_flags(p, BALANCERS)
     add_workload_args(p)
     add_output_arg(p)
     return p

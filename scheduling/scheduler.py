@@ -7,12 +7,12 @@ a tensor: `now` and measured step times are passed in, so the simulator drives t
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .kv_cache import KVBlockManager
+from .registry import Knobs, Registry
 from .request import Request, Status
 
 
@@ -66,12 +66,6 @@ class SchedulerStats:
     outstanding_tokens: float
 
 
-@dataclass
-class Knobs:
-    """Base for a policy's tunables. Field names become `--<policy>-<field>` flags; each
-    field's default is the paper's."""
-
-
 class RunningMean:
     def __init__(self, initial: float = 0.0):
         self.value, self.count = initial, 0
@@ -81,15 +75,8 @@ class RunningMean:
         self.value += (x - self.value) / self.count
 
 
-SCHEDULERS: dict[str, type["Scheduler"]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        cls.name = name
-        SCHEDULERS[name] = cls
-        return cls
-    return deco
+SCHEDULERS = Registry("scheduler")
+register = SCHEDULERS.register
 
 
 class Scheduler:
@@ -259,7 +246,3 @@ class Scheduler:
         del self.requests[request.request_id]
         if reason != "abort":
             self.output_len.add(request.num_output_tokens)
-
-
-def knob_fields(cls: type[Scheduler]) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls.Knobs))

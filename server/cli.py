@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -14,27 +13,10 @@ from pathlib import Path
 log = logging.getLogger("server")
 
 
-def add_knob_flags(parser: argparse.ArgumentParser, kind: str, registry: dict) -> None:
-    group = parser.add_argument_group(f"{kind} policy knobs")
-    for policy, cls in sorted(registry.items()):
-        for f in dataclasses.fields(cls.Knobs):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            flag = f"--{policy}-{f.name}".replace("_", "-")
-            kwargs = dict(dest=f"knob:{kind}:{policy}:{f.name}", default=None, help=f"default {default!r}")
-            if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            else:
-                group.add_argument(flag, type=type(default) if default is not None else float, **kwargs)
-
-
-def knob_values(args: argparse.Namespace, kind: str, policy: str) -> dict:
-    prefix = f"knob:{kind}:{policy}:"
-    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     from balancer import BALANCERS
     from scheduling import SCHEDULERS
+    from scheduling.registry import add_knob_flags
     p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible LLM server")
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: the built-in demo model)")
     p.add_argument("--served-model-name", default=None)
@@ -65,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="on SIGTERM, how long in-flight requests may take to finish")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info")
-    add_knob_flags(p, "scheduler", SCHEDULERS)
-    add_knob_flags(p, "balancer", BALANCERS)
+    add_knob_flags(p, SCHEDULERS)
+    add_knob_flags(p, BALANCERS)
     return p.parse_args(argv)
 
 
@@ -86,9 +68,12 @@ def main(argv=None) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import uvicorn
 
+    from balancer import BALANCERS
     from engine.config import EngineArgs
     from engine.demo import ensure_demo_model
     from engine.tokenizer import load_tokenizer
+    from scheduling import SCHEDULERS
+    from scheduling.registry import knob_values
 
     from .app import AppState, ServerConfig, build_app
     from .engine_client import EngineClient
@@ -102,7 +87,7 @@ def main(argv=None) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gb=args.kv_cache_gb,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
-        scheduler=args.scheduler, scheduler_knobs=knob_values(args, "scheduler", args.scheduler),
+        scheduler=args.scheduler, scheduler_knobs=knob_values(args, SCHEDULERS, args.scheduler),
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         load_format=args.load_format, seed=args.seed)
     devices = worker_devices(args)
@@ -112,7 +97,7 @@ def main(argv=None) -> None:
     @asynccontextmanager
     async def lifespan(app):
         client = EngineClient(str(model_path), engine_args, devices, args.balancer,
-                              knob_values(args, "balancer", args.balancer), args.seed, level)
+                              knob_values(args, BALANCERS, args.balancer), args.seed, level)
         ready = await client.start()
         for r in ready:
             log.info("worker %d ready on %s: %d KV blocks of %d tokens (%d tokens), attention %s, max_model_len %d",
@@ -130,16 +115,23 @@ def main(argv=None) -> None:
             await client.shutdown(args.shutdown_grace_s)
             log.info("shut down cleanly")
 
-    config = uvicorn.Config(build_app(lifespan), host=args.host, port=args.port, loop="uvloop", http="httptools",
+    app = build_app(lifespan)
+
+    def stop_accepting():
+        if app.state.halffull is not None:
+            app.state.halffull.client.stop_accepting(args.shutdown_grace_s)
+    # The client fails what is still running when the grace period ends, so that each connection ends with a
+    # clean error; uvicorn's own deadline, which would cut connections, is only the backstop.
+    config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
                             access_log=False, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_grace_s)
-    server = _clean_exit_server()(config)
+                            timeout_graceful_shutdown=args.shutdown_grace_s + 5.0)
+    server = _clean_exit_server(stop_accepting)(config)
     server.run()
     if not server.started:
         raise SystemExit(1)
 
 
-def _clean_exit_server():
+def _clean_exit_server(on_shutdown):
     import contextlib
     import signal
 
@@ -147,7 +139,12 @@ def _clean_exit_server():
 
     class CleanExitServer(uvicorn.Server):
         """uvicorn re-raises SIGINT/SIGTERM after a graceful shutdown, so the process would die by
-        the signal; a server that shut down cleanly should exit 0."""
+        the signal; a server that shut down cleanly should exit 0. `on_shutdown` runs as shutdown begins,
+        before uvicorn waits for the open connections."""
+
+        async def shutdown(self, sockets=None):
+            on_shutdown()
+            await super().shutdown(sockets)
 
         @contextlib.contextmanager
         def capture_signals(self):
