@@ -16,6 +16,8 @@ from .policy import BalancerPolicy, WorkerLoad
 
 log = logging.getLogger(__name__)
 
+FORWARD_INTERVAL_S = 0.1
+
 
 class Balancer:
     def __init__(self, policy: BalancerPolicy, inbox: ShmQueue, outbox: ShmQueue,
@@ -25,6 +27,7 @@ class Balancer:
         self.to_workers, self.reports = to_workers, reports
         self.workers = [WorkerLoad(i) for i in range(len(to_workers))]
         self.incarnation = [0] * len(to_workers)
+        self.forwarded = [float("-inf")] * len(to_workers)  # time of the last report sent to the server
 
     async def route(self, request: GenerateRequest) -> None:
         live = [w for w in self.workers if w.alive]
@@ -67,8 +70,14 @@ class Balancer:
                 continue
             for r in fresh:
                 self.policy.on_report(r)
-            self.workers[worker_id].record_report(fresh[-1])
-            await self.outbox.put_async(fresh[-1])  # the server exports it on /metrics
+            latest = fresh[-1]
+            self.workers[worker_id].record_report(latest)
+            # The server only exports reports on /metrics: a few a second do, and an idle worker's
+            # last one always goes, so the gauges settle at the true final state.
+            idle = latest.num_running == 0 and latest.num_waiting == 0
+            if idle or latest.time - self.forwarded[worker_id] >= FORWARD_INTERVAL_S:
+                self.forwarded[worker_id] = latest.time
+                await self.outbox.put_async(latest)
 
     async def run(self) -> None:
         tasks = [asyncio.ensure_future(self.serve_reports(i)) for i in range(len(self.reports))]
