@@ -92,7 +92,9 @@ class Worker:
 
 
 def cpu_threads_per_worker(num_workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(num_workers, 1))
+    """Intra-op threads per worker: the cores left after one for the server and balancer, shared.
+    A torch thread pool that competes with the server for a core stalls every step it waits on."""
+    return max(1, ((os.cpu_count() or 1) - 1) // max(num_workers, 1))
 
 
 def detach_from_terminal(name: str) -> None:
