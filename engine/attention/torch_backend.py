@@ -47,8 +47,12 @@ class TorchAttentionBackend:
             shape = (nd, -1) + tuple(k_cache.shape[2:])
             keys = k_cache.index_select(0, tables).view(shape)[:, :max_len].transpose(1, 2)  # [S, Hkv, L, D]
             values = v_cache.index_select(0, tables).view(shape)[:, :max_len].transpose(1, 2)
-            out[:nd] = F.scaled_dot_product_attention(
-                q[:nd].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
+            # The query heads sharing a KV head go in as that head's "query rows" (one token each, the
+            # same mask), so K/V are never repeated per query head.
+            num_kv_heads, head_dim = k_cache.shape[2:]
+            grouped = q[:nd].view(nd, num_kv_heads, -1, head_dim)
+            out[:nd] = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale).view(
+                nd, -1, head_dim)
         start = nd
         for i in range(nd, len(meta.seq_lens_host)):
             q_len, seq_len = meta.query_lens_host[i], meta.seq_lens_host[i]
