@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -20,11 +20,18 @@ from engine.messages import SLO
 
 from .generation import Choice, ChoiceResult
 from .metrics import Metrics
-from .protocol import (MAX_N, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                       sampling_params)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
+                       TokenizeRequest, sampling_params)
 
 VERSION = "0.1.0"
 _json = msgspec.json.Encoder()
+
+
+class ClientGone(APIError):
+    """The client closed the connection: nobody reads this answer."""
+
+    def __init__(self):
+        super().__init__("the client closed the connection", status=499)
 
 
 @dataclass
@@ -59,11 +66,14 @@ async def read_body(request: Request, config: ServerConfig) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(f"request body larger than {limit} bytes", status=413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(f"request body larger than {limit} bytes", status=413)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(f"request body larger than {limit} bytes", status=413)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
     return b"".join(chunks)
 
 
@@ -73,7 +83,7 @@ def decode(body: bytes, cls):
     except msgspec.ValidationError as e:
         param = str(e).rsplit("$.", 1)[-1].split("`")[0].split("[")[0] if "$." in str(e) else None
         raise APIError(f"invalid request: {e}", param=param) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise APIError(f"malformed JSON body: {e}") from None
 
 
@@ -84,6 +94,8 @@ def check_model(app: AppState, model: str | None) -> None:
 
 
 def check_capacity(app: AppState) -> None:
+    if app.client.draining:
+        raise APIError("the server is shutting down", status=503, type="server_error")
     if not app.client.healthy and not any(w.alive for w in app.client.workers):
         raise APIError("no engine worker is available", status=503, type="server_error")
     limit = app.config.max_queued_requests
@@ -139,8 +151,7 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 
 async def start_choices(app: AppState, prompts: list[list[int]], req, max_tokens_of, logprobs,
                         prompt_logprobs=None) -> list[Choice]:
-    if not 1 <= req.n <= MAX_N:
-        raise APIError(f"n must be between 1 and {MAX_N}", param="n")
+    check_token_ids(app, req.stop_token_ids or [], "stop_token_ids")
     choices = []
     for prompt_ids in prompts:
         max_tokens = max_tokens_of(len(prompt_ids))
@@ -148,17 +159,38 @@ async def start_choices(app: AppState, prompts: list[list[int]], req, max_tokens
             params = sampling_params(req, max_tokens, logprobs, prompt_logprobs)
             params.seed = choice_seed(params.seed, j)
             choices.append(Choice(app, prompt_ids, params, req.priority, slo_of(req)))
-    for c in choices:
-        await c.start()
+    try:
+        for c in choices:
+            await c.start()
+    except BaseException:
+        for c in choices:  # those already submitted
+            await c.abort()
+        raise
     return choices
 
 
-async def run_all(choices: list[Choice]) -> list[ChoiceResult]:
+async def disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body must have been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_all(request: Request, choices: list[Choice]) -> list[ChoiceResult]:
+    """Run the choices to their end, or abort them all once the client goes away: a client that gave up
+    (a timeout, say) must not leave its request running."""
     tasks = [asyncio.ensure_future(c.run()) for c in choices]
+    results = asyncio.gather(*tasks)
+    # A choice cancelled below ends `results` with a CancelledError that nobody awaits: mark it retrieved.
+    results.add_done_callback(lambda f: f.cancelled() or f.exception())
+    gone = asyncio.ensure_future(disconnected(request))
     try:
-        return await asyncio.gather(*tasks)
+        await asyncio.wait([results, gone], return_when=asyncio.FIRST_COMPLETED)
+        if not results.done():
+            raise ClientGone()
+        return results.result()
     finally:
-        for t in tasks:
+        gone.cancel()
+        for t in tasks:  # also when one choice failed: a cancelled choice is aborted on its worker
             t.cancel()
 
 
@@ -201,16 +233,29 @@ def sse(obj) -> bytes:
     return b"data: " + _json.encode(obj) + b"\n\n"
 
 
-def stream_response(gen, choices: list[Choice]) -> StreamingResponse:
-    async def body():
+class ChoicesStream(StreamingResponse):
+    """SSE of the choices' chunks, ended by an error event if they fail, then [DONE]. However the response
+    ends, the choices are aborted: a client that leaves before the first chunk cancels the response before
+    `gen` ever runs, so `gen` cannot clean up after itself."""
+
+    def __init__(self, gen, choices: list[Choice]):
+        async def body():
+            try:
+                async for chunk in gen:
+                    yield chunk
+            except APIError as e:
+                yield sse(e.body())
+            yield b"data: [DONE]\n\n"
+        super().__init__(body(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.choices = choices
+
+    async def __call__(self, scope, receive, send):
         try:
-            async for chunk in gen:
-                yield chunk
-        except APIError as e:
-            yield sse(e.body())
-        yield b"data: [DONE]\n\n"
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            await super().__call__(scope, receive, send)
+        finally:
+            for c in self.choices:
+                await c.abort()
 
 
 # ---- logprobs formatting ------------------------------------------------------------------------------
@@ -273,8 +318,6 @@ async def completions(request: Request) -> Response:
         prompts = [check_token_ids(app, p)]
     if len(prompts) * req.n > 256:
         raise APIError("at most 256 prompts times n per request", param="prompt")
-    if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-        raise APIError("logprobs must be between 0 and 20", param="logprobs")
     check_capacity(app)
     for ids in prompts:
         resolve_max_tokens(app, len(ids), req.max_tokens)
@@ -287,7 +330,7 @@ async def completions(request: Request) -> Response:
         return prompts[i // req.n]
 
     if not req.stream:
-        results = await run_all(choices)
+        results = await run_all(request, choices)
         out = []
         for i, r in enumerate(results):
             text, logprobs = r.text, None
@@ -318,7 +361,7 @@ async def completions(request: Request) -> Response:
                                             "finish_reason": d.finish_reason}]})
         if req.stream_options and req.stream_options.include_usage:
             yield sse({**base, "choices": [], "usage": usage(choices, prompts)})
-    return stream_response(gen(), choices)
+    return ChoicesStream(gen(), choices)
 
 
 def chat_prompt(app: AppState, req) -> list[int]:
@@ -360,8 +403,6 @@ async def chat_completions(request: Request) -> Response:
         raise APIError("tools are not supported", param="tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-        raise APIError("top_logprobs must be between 0 and 20", param="top_logprobs")
     prompt = chat_prompt(app, req)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     resolve_max_tokens(app, len(prompt), requested)
@@ -371,7 +412,7 @@ async def chat_completions(request: Request) -> Response:
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     name = app.config.served_model_name
     if not req.stream:
-        results = await run_all(choices)
+        results = await run_all(request, choices)
         out = [{"index": i, "message": {"role": "assistant", "content": r.text},
                 "logprobs": chat_logprobs(app, r.token_ids, r.logprobs) if logprobs is not None else None,
                 "finish_reason": r.finish_reason} for i, r in enumerate(results)]
@@ -392,7 +433,7 @@ async def chat_completions(request: Request) -> Response:
                                             "finish_reason": d.finish_reason}]})
         if req.stream_options and req.stream_options.include_usage:
             yield sse({**base, "choices": [], "usage": usage(choices, [prompt])})
-    return stream_response(gen(), choices)
+    return ChoicesStream(gen(), choices)
 
 
 async def models(request: Request) -> Response:
@@ -442,6 +483,31 @@ async def version(request: Request) -> Response:
     return json_response({"version": VERSION})
 
 
+def openapi_spec() -> dict:
+    """The two generation endpoints, their request schemas taken from the msgspec Structs that validate them."""
+    (completion, chat, error), schemas = msgspec.json.schema_components(
+        [CompletionRequest, ChatCompletionRequest, ErrorResponse], ref_template="#/components/schemas/{name}")
+    errors = {"content": {"application/json": {"schema": error}}}
+
+    def post(summary: str, body: dict) -> dict:
+        return {"post": {
+            "summary": summary, "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "responses": {"200": {"description": "the result; with `stream: true`, server-sent events ending in "
+                                                 "`data: [DONE]` (an error after the first event is an error event)"},
+                          "4XX": {"description": "invalid request (413: body too large, 429: over the queue "
+                                                 "limit, with Retry-After)", **errors},
+                          "503": {"description": "no engine worker available, or shutting down", **errors}}}}
+    return {"openapi": "3.1.0", "info": {"title": "halffull", "version": VERSION},
+            "paths": {"/v1/completions": post("Create a completion", completion),
+                      "/v1/chat/completions": post("Create a chat completion", chat)},
+            "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+async def openapi(request: Request) -> Response:
+    return json_response(openapi_spec())
+
+
 class Guard:
     """ASGI middleware: API-key check and OpenAI-shaped errors for everything below it."""
 
@@ -474,7 +540,8 @@ def build_app(lifespan) -> Starlette:
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"]), Route("/tokenize", tokenize, methods=["POST"]),
-              Route("/detokenize", detokenize, methods=["POST"]), Route("/version", version, methods=["GET"])]
+              Route("/detokenize", detokenize, methods=["POST"]), Route("/version", version, methods=["GET"]),
+              Route("/openapi.json", openapi, methods=["GET"])]
 
     async def not_found(request, exc):
         return error_response(APIError(f"no route {request.url.path}", 404, "NotFoundError"))

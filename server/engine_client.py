@@ -1,6 +1,7 @@
 """The server's side of the process shape: it starts the balancer and the workers, owns every
 shared-memory queue, streams each request's outputs back to its HTTP handler, and restarts a
-worker that dies (its requests fail at once; the balancer routes around it meanwhile)."""
+worker that dies (its requests fail at once; the balancer routes around it meanwhile) or a balancer
+that dies (on the same queues: requests already routed never notice)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -62,23 +62,21 @@ class EngineClient:
                                    ShmQueue.create(1 << 20, LoadReport)) for i in range(num_workers)]
         self.balancer_args = (balancer, balancer_knobs, seed)
         self.balancer_proc: mp.Process | None = None
+        self.balancer_started = 0.0
+        self.balancer_restarts = 0
         self.requests: dict[str, RequestState] = {}
         self.reports: dict[int, LoadReport] = {}
         self.ids = itertools.count()
         self.tasks: list[asyncio.Task] = []
         self.closing = False
+        self.drain_deadline: float | None = None  # set once shutdown began: when in-flight requests are failed
         self.down_acks: dict[int, asyncio.Future] = {}
         self.threads = cpu_threads_per_worker(num_workers)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> list[WorkerReady]:
         """Start balancer and workers; return once every worker has loaded the model."""
-        name, knobs, seed = self.balancer_args
-        self.balancer_proc = self.ctx.Process(
-            target=balancer_main, name="halffull-balancer", daemon=True,
-            args=(name, knobs, seed, self.to_balancer.spec, self.from_balancer.spec,
-                  [w.to_worker.spec for w in self.workers], [w.reports.spec for w in self.workers], self.log_level))
-        self.balancer_proc.start()
+        self._spawn_balancer()
         for w in self.workers:
             self._spawn(w)
         ready = await asyncio.gather(*(self._await_ready(w) for w in self.workers))
@@ -92,6 +90,15 @@ class EngineClient:
             self.tasks.append(asyncio.ensure_future(self._read_worker(w)))
         loop.add_reader(self.balancer_proc.sentinel, self._balancer_died)
         return ready
+
+    def _spawn_balancer(self) -> None:
+        name, knobs, seed = self.balancer_args
+        self.balancer_proc = self.ctx.Process(
+            target=balancer_main, name="halffull-balancer", daemon=True,
+            args=(name, knobs, seed, self.to_balancer.spec, self.from_balancer.spec,
+                  [w.to_worker.spec for w in self.workers], [w.reports.spec for w in self.workers], self.log_level))
+        self.balancer_proc.start()
+        self.balancer_started = time.monotonic()
 
     def _spawn(self, w: WorkerSlot) -> None:
         w.incarnation += 1
@@ -118,12 +125,18 @@ class EngineClient:
                                              "before it was ready (see its log above)")
                 msg = get.result()
                 if isinstance(msg, WorkerReady) and msg.incarnation == w.incarnation:
-                    w.ready, w.alive = msg, msg.error is None
+                    self._ready(w, msg)
                     return msg
         finally:
             loop.remove_reader(w.process.sentinel)
             if w.alive:
                 loop.add_reader(w.process.sentinel, self._worker_died, w)
+
+    def _ready(self, w: WorkerSlot, ready: WorkerReady) -> None:
+        w.ready, w.alive = ready, ready.error is None
+        if w.alive:  # until its first load report (it sends none while idle), /metrics shows an empty worker
+            self.reports[w.worker_id] = LoadReport(w.worker_id, 0, 0, 0, 0, 0, ready.num_kv_blocks, 0.0,
+                                                   incarnation=ready.incarnation)
 
     @property
     def healthy(self) -> bool:
@@ -133,14 +146,28 @@ class EngineClient:
     def in_flight(self) -> int:
         return len(self.requests)
 
-    async def shutdown(self, grace_s: float = 5.0) -> None:
-        """Let in-flight requests finish for up to `grace_s`, abort the rest, stop the children."""
-        self.closing = True
-        deadline = time.monotonic() + grace_s
-        while self.requests and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+    @property
+    def draining(self) -> bool:
+        return self.drain_deadline is not None
+
+    def stop_accepting(self, grace_s: float) -> None:
+        """Shutdown begins (SIGTERM): new requests are refused; those in flight may finish within `grace_s`
+        and then end with a clean error, while their connections are still open to carry it."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + grace_s
+            asyncio.get_running_loop().call_later(grace_s, self._fail_all, "the server is shutting down")
+
+    def _fail_all(self, error: str) -> None:
         for state in list(self.requests.values()):
-            self._fail(state, "the server is shutting down", "abort")
+            self._fail(state, error, "abort")
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Let in-flight requests finish within the grace period, fail the rest, stop the children."""
+        self.stop_accepting(grace_s)
+        while self.requests and time.monotonic() < self.drain_deadline:
+            await asyncio.sleep(0.05)
+        self._fail_all("the server is shutting down")
+        self.closing = True
         loop = asyncio.get_running_loop()
         for w in self.workers:
             if w.process is not None:
@@ -171,8 +198,12 @@ class EngineClient:
         request_id = request_id or f"req-{next(self.ids)}"
         state = RequestState(request_id)
         self.requests[request_id] = state
-        await self.to_balancer.put_async(GenerateRequest(request_id, prompt_token_ids, sampling,
-                                                         time.monotonic(), priority, slo))
+        try:
+            await self.to_balancer.put_async(GenerateRequest(request_id, prompt_token_ids, sampling,
+                                                             time.monotonic(), priority, slo))
+        except BaseException:  # not sent (cancelled while the queue was full, or not encodable)
+            del self.requests[request_id]
+            raise
         return state
 
     async def abort(self, state: RequestState) -> None:
@@ -219,7 +250,8 @@ class EngineClient:
             for msg in await self.from_balancer.get_many_async():
                 if isinstance(msg, Routed):
                     state = self.requests.get(msg.request_id)
-                    if state is None:
+                    if state is None:  # over already (finished first, or failed as a balancer died): stop it
+                        await self.to_balancer.put_async(Abort(msg.request_id, msg.worker_id))
                         continue
                     state.worker_id = msg.worker_id
                     if not self.workers[msg.worker_id].alive:
@@ -243,8 +275,7 @@ class EngineClient:
         if self.closing:
             return
         was_serving, w.alive = w.alive, False
-        log.error("worker %d (pid %d) died with exit code %s; restarting it",
-                  w.worker_id, w.process.pid, w.process.exitcode)
+        log.error("worker %d (pid %d) died; restarting it", w.worker_id, w.process.pid)
         self.reports.pop(w.worker_id, None)
         self.tasks.append(asyncio.ensure_future(self._restart(w, was_serving)))
 
@@ -264,7 +295,8 @@ class EngineClient:
         else:  # it died again before it was ready: back off
             await asyncio.sleep(min(0.5 * 2 ** w.restarts, 30.0))
         w.restarts += 1
-        await asyncio.to_thread(w.process.join, 1.0)
+        await asyncio.to_thread(w.process.join, 1.0)  # reap it: its fds close a moment before it can be
+        log.info("worker %d had exit code %s", w.worker_id, w.process.exitcode)
         self._spawn(w)
         asyncio.get_running_loop().add_reader(w.process.sentinel, self._worker_died, w)
 
@@ -272,16 +304,37 @@ class EngineClient:
         if ready.error:
             log.error("worker %d could not restart: %s", w.worker_id, ready.error)
             return
-        w.ready, w.alive = ready, True
+        self._ready(w, ready)
         await self.to_balancer.put_async(WorkerUp(w.worker_id, w.incarnation))
         log.info("worker %d is back (restart %d)", w.worker_id, w.restarts)
 
     def _balancer_died(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.balancer_proc.sentinel)
+        """Start a new balancer on the same queues. Requests already routed never notice: their outputs come
+        straight from the workers. What the dead one had taken from its inbox but not routed is lost, so
+        the requests not routed yet fail, except those still unread in its inbox: those go to the new one."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.balancer_proc.sentinel)
         if self.closing:
             return
-        log.critical("the balancer process died (exit code %s); failing in-flight requests and exiting",
-                     self.balancer_proc.exitcode)
-        for state in list(self.requests.values()):
-            self._fail(state, "the balancer process died")
-        os.kill(os.getpid(), 15)  # SIGTERM ourselves: uvicorn shuts down cleanly, children are stopped
+        unread = self.to_balancer.drain()  # safe: its only consumer is dead
+        queued = {m.request_id for m in unread if isinstance(m, GenerateRequest)}
+        for state in [s for s in self.requests.values() if s.worker_id < 0 and s.request_id not in queued]:
+            self._fail(state, "the balancer process died before routing this request")
+        # The new balancer assumes every worker is up: tell it which are not (this also answers a WorkerDown
+        # the dead one never acknowledged).
+        for msg in unread + [WorkerDown(w.worker_id) for w in self.workers if not w.alive]:
+            self.to_balancer.put(msg, timeout=0)
+        self.balancer_restarts += 1
+        self.tasks.append(asyncio.ensure_future(self._restart_balancer()))
+
+    async def _restart_balancer(self) -> None:
+        dead = self.balancer_proc
+        await asyncio.to_thread(dead.join, 1.0)  # reap it: its fds close a moment before it can be
+        log.error("the balancer process (pid %d) died with exit code %s; restarting it", dead.pid, dead.exitcode)
+        if time.monotonic() - self.balancer_started < 10.0:  # back off a crash loop
+            await asyncio.sleep(min(0.5 * 2 ** self.balancer_restarts, 30.0))
+        if self.closing:
+            return
+        self._spawn_balancer()
+        asyncio.get_running_loop().add_reader(self.balancer_proc.sentinel, self._balancer_died)
+        log.info("balancer restarted (restart %d)", self.balancer_restarts)

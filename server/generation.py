@@ -78,8 +78,11 @@ class Choice:
                 if finish is not None:
                     return
         finally:
-            if self.state is not None and not self.state.finished:  # client went away mid-stream
-                await self.app.client.abort(self.state)
+            await self.abort()  # the client went away mid-stream; a no-op once finished
+
+    async def abort(self) -> None:
+        if self.state is not None:
+            await self.app.client.abort(self.state)
 
     async def run(self) -> ChoiceResult:
         async for _ in self.deltas():

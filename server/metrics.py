@@ -28,6 +28,13 @@ class ReportCollector:
         total = family(GaugeMetricFamily, "halffull:kv_cache_total_blocks", "KV blocks in the pool.")
         step = family(GaugeMetricFamily, "halffull:mean_step_seconds", "Mean engine step time.")
         up = family(GaugeMetricFamily, "halffull:worker_up", "1 while the worker serves.")
+        restarts = family(CounterMetricFamily, "halffull:worker_restarts", "Times the worker was restarted.")
+        balancer_restarts = CounterMetricFamily("halffull:balancer_restarts", "Times the balancer was restarted.",
+                                                labels=["model_name"])
+        balancer_restarts.add_metric([self.model], self.client.balancer_restarts)
+        in_flight = GaugeMetricFamily("halffull:num_requests_in_flight", "Requests the server is waiting on.",
+                                      labels=["model_name"])
+        in_flight.add_metric([self.model], self.client.in_flight())
         preempt = family(CounterMetricFamily, "halffull:num_preemptions", "Preemptions by recompute.")
         received = family(CounterMetricFamily, "halffull:worker_requests", "Requests the worker has received.")
         steps = family(CounterMetricFamily, "halffull:engine_steps", "Engine steps the worker has run.")
@@ -39,6 +46,7 @@ class ReportCollector:
         for w in self.client.workers:
             lv = [self.model, str(w.worker_id)]
             up.add_metric(lv, 1.0 if w.alive else 0.0)
+            restarts.add_metric(lv, w.restarts)
             r = self.client.reports.get(w.worker_id)
             if r is None:
                 continue
@@ -51,7 +59,8 @@ class ReportCollector:
                 fam.add_metric(lv, value)
             for name, value in r.counters.items():
                 decisions.add_metric(lv + [name], value)
-        yield from (running, waiting, kv, free, total, step, up, preempt, received, steps, gw_waiting, gw_kv, decisions)
+        yield from (running, waiting, kv, free, total, step, up, restarts, balancer_restarts, in_flight, preempt,
+                    received, steps, gw_waiting, gw_kv, decisions)
 
 
 class Metrics:

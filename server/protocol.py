@@ -3,11 +3,24 @@ mapping from request fields to the engine's SamplingParams."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from engine.messages import SamplingParams
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct):
+    """OpenAI's error shape: every 4xx and 5xx body, and an error event inside a stream."""
+    error: ErrorDetail
 
 
 class APIError(Exception):
@@ -19,8 +32,23 @@ class APIError(Exception):
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
         self.headers = headers or {}
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(ErrorDetail(self.message, self.type, self.param, self.code))
+
+
+MAX_N = 16
+MAX_STOP = 16
+MAX_STOP_LEN = 256
+MAX_LOGPROBS = 20
+
+# Ranges that decoding enforces, so that no out-of-range number reaches the wire (msgpack carries 64-bit
+# ints at most) or a tensor; limits that depend on the model (vocabulary, context) are checked in app.
+Int64 = Annotated[int, Meta(ge=-2**63, le=2**63 - 1)]
+Int32 = Annotated[int, Meta(ge=-2**31, le=2**31 - 1)]
+Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Logprobs = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)]
+Positive = Annotated[float, Meta(gt=0)]
+StopString = Annotated[str, Meta(max_length=MAX_STOP_LEN)]
 
 
 class StreamOptions(msgspec.Struct):
@@ -31,36 +59,36 @@ class StreamOptions(msgspec.Struct):
 class _Common(msgspec.Struct, kw_only=True):
     """Fields both endpoints share, with vLLM's extensions."""
     model: str | None = None
-    n: int = 1
+    n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP)] | None = None
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # Extensions users of vLLM rely on.
-    top_k: int | None = None
+    top_k: Annotated[int, Meta(ge=-1, le=2**31 - 1)] | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Count = 0
+    stop_token_ids: list[Count] | None = None
     skip_special_tokens: bool = True
-    priority: int = 0
+    priority: Int32 = 0
     # Per-request SLO targets, for SLO-aware schedulers (SLAI).
-    slo_ttft_ms: float | None = None
-    slo_tbt_ms: float | None = None
+    slo_ttft_ms: Positive | None = None
+    slo_tbt_ms: Positive | None = None
 
 
 class CompletionRequest(_Common, kw_only=True):
     prompt: str | list[Any]
-    max_tokens: int | None = 16
+    max_tokens: Count | None = 16
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: Logprobs | None = None
     suffix: str | None = None
     best_of: int | None = None
 
@@ -73,10 +101,10 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
 class ChatCompletionRequest(_Common, kw_only=True):
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Logprobs | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -95,19 +123,12 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
 
 
-MAX_N = 16
-MAX_STOP = 16
-MAX_STOP_LEN = 256
-
-
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
     """Map request fields to SamplingParams; raises APIError naming the offending field."""
     if req.logit_bias:
         raise APIError("logit_bias is not supported", param="logit_bias")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP or any(len(s) > MAX_STOP_LEN for s in stop):
-        raise APIError(f"at most {MAX_STOP} stop strings of at most {MAX_STOP_LEN} characters", param="stop")
     params = SamplingParams(
         max_tokens=max_tokens, min_tokens=req.min_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
