@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduling import Chunk, StepPlan
+from scheduling import StepPlan
 
 from .attention import AttentionMetadata, make_backend
 from .config import EngineArgs, ModelConfig

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import time
 import traceback
 
 from .ipc import QueueSpec, ShmQueue

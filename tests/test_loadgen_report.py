@@ -86,9 +86,3 @@ def test_sweep_plot(tmp_path):
     assert [r["rate"] for r in runs] == ["1", "2.5", "inf"]
     assert plot_sweep(tmp_path / "sweep.png", runs).stat().st_size > 10_000
 
-
-@pytest.mark.skipif(Path(__file__).parents[1].joinpath("loadgen", "simulate.py").exists(),
-                    reason="the simulator exists")
-def test_simulate_without_the_simulator_says_so(capsys):
-    assert loadgen_main(["simulate", "--help"]) == 2
-    assert "loadgen/simulate.py" in capsys.readouterr().err
