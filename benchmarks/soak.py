@@ -43,11 +43,11 @@ class Tally(Counter):
             print(f"  LOST: {detail[:300]}", file=sys.stderr)
 
 
-def fuzz(url: str, tally: Tally, per_field: int, mixed: int, cycle: int) -> None:
+def fuzz(url: str, tally: Tally, per_field: int, mixed: int, seed: int) -> None:
     spec = httpx.get(url + "/openapi.json").json()
     with httpx.Client(base_url=url, timeout=120) as http:
         def run(strategy, n):
-            @hypothesis_seed(cycle)
+            @hypothesis_seed(seed)
             @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
                       suppress_health_check=list(HealthCheck))
             @given(strategy)

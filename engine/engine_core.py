@@ -70,12 +70,13 @@ class EngineCore:
         req.sampling.validate()
 
     def add_request(self, req: GenerateRequest) -> None:
+        # Counted even when refused: the balancer reconciles what it sent against this number.
+        self.requests_in += 1
         self.validate(req)
         s = req.sampling
         # A request can never need more KV than the whole pool.
         if self.kv.blocks_for(n := len(req.prompt_token_ids) + 1) > self.kv.num_blocks:
             raise ValueError(f"prompt of {n - 1} tokens does not fit in the KV cache")
-        self.requests_in += 1
         self.scheduler.add(Request(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             max_tokens=s.max_tokens, arrival_time=req.arrival_time, min_tokens=s.min_tokens,

@@ -49,6 +49,10 @@ class AppState:
     def __init__(self, client, tokenizer, config: ServerConfig):
         self.client, self.tokenizer, self.config = client, tokenizer, config
         self.metrics = Metrics(client, config.served_model_name)
+        # No token stands for more characters than its own text has (x4 for normalizers that merge characters),
+        # so longer text cannot fit the context.
+        longest = max(map(len, tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
+        self.max_text_chars = 4 * longest * config.max_model_len
 
 
 def json_response(body, status: int = 200, headers: dict | None = None) -> Response:
@@ -107,13 +111,19 @@ def check_capacity(app: AppState) -> None:
                            type="rate_limit_error", headers={"Retry-After": "1"})
 
 
+def check_text_length(app: AppState, chars: int, param: str) -> None:
+    """Refuse text that cannot fit the context before tokenizing it: a tokenizer holds the event loop for about
+    a second per million characters and needs some 200 bytes per character while it works."""
+    if chars > app.max_text_chars:
+        raise APIError(f"the prompt has {chars} characters, more than this model's maximum context length of "
+                       f"{app.config.max_model_len} tokens can hold", param=param)
+
+
 def encode_text(app: AppState, text: str, add_special_tokens: bool = True) -> list[int]:
+    # (msgspec has decoded `text`: it is valid Unicode, without lone surrogates.)
     if app.tokenizer is None:
         raise APIError("this model has no tokenizer: send token ids")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError("text must be valid Unicode (no lone surrogates)") from None
+    check_text_length(app, len(text), "prompt")
     return app.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
@@ -377,14 +387,10 @@ def chat_prompt(app: AppState, req) -> list[int]:
                     raise APIError("only text content parts are supported", param="messages")
                 parts.append(part["text"])
             content = "".join(parts)
-        if content is not None:
-            try:
-                content.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError("text must be valid Unicode (no lone surrogates)", param="messages") from None
         messages.append({"role": m.role, "content": content or ""})
     if not messages:
         raise APIError("messages must not be empty", param="messages")
+    check_text_length(app, sum(len(m["role"]) + len(m["content"]) for m in messages), "messages")
     try:
         ids = app.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
                                                 tokenize=True)

@@ -124,6 +124,16 @@ def test_chat_limits_are_400(http):
         check_error_shape(r.json())
 
 
+def test_enormous_text_refused_before_tokenizing(http):
+    """Tokenizing holds the event loop for about a second per million characters: text that cannot fit the
+    context is refused on its length alone."""
+    text = "x" * (BODY_LIMIT - 1000)
+    chat = VALID["/v1/chat/completions"] | {"messages": [{"role": "user", "content": text}]}
+    for path, body in (("/v1/completions", js(valid | {"prompt": text})), ("/v1/chat/completions", js(chat))):
+        r = post(http, path, body)
+        assert r.status_code == 400 and "characters" in r.json()["error"]["message"], r.text[:300]
+
+
 def test_oversized_body_is_413(server, http):
     body = js({"prompt": "x" * BODY_LIMIT})
     r = post(http, "/v1/completions", body)  # declared by Content-Length
