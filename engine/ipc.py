@@ -34,6 +34,7 @@ import asyncio
 import mmap
 import os
 import queue
+import secrets
 import select
 import threading
 import time
@@ -47,6 +48,9 @@ import msgspec
 _HEAD, _TAIL, _CONSUMER_SLEEPING, _PRODUCER_SLEEPING = 0, 8, 16, 24  # uint64 indices, 64 bytes apart
 _HEADER_BYTES = 256
 _LEN_BYTES = 4
+# Segment names carry the creating process's pid, so that segments orphaned by a SIGKILL of the whole
+# process group (which takes the resource tracker with it) can be recognised and removed later.
+SEGMENT_PREFIX = "halffull_"
 
 # x86 may let a load pass an earlier store (the store buffer), and the sleep/wake handshake above needs
 # exactly that store->load order. Every locked instruction is a full barrier on x86, and taking and
@@ -110,7 +114,8 @@ class ShmQueue:
             raise ValueError(f"capacity_bytes must be in [8, 2**32), got {capacity_bytes}")
         # shm_open with mode 0600, zero-filled; the owner stays registered with the resource tracker, which
         # unlinks the segment if this process dies without unlink().
-        shm = SharedMemory(create=True, size=_HEADER_BYTES + capacity)
+        shm = SharedMemory(f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(8)}", create=True,
+                           size=_HEADER_BYTES + capacity)
         flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
         spec = QueueSpec(shm.name, capacity, os.eventfd(0, flags), os.eventfd(0, flags))
         return cls(spec, msg_type, shm.buf, (spec.data_fd, spec.space_fd), shm=shm)
@@ -304,6 +309,29 @@ class ShmQueue:
         if self._shm is None:
             raise RuntimeError("only the end that created the queue unlinks it")
         self._shm.unlink()
+
+
+def remove_orphaned_segments() -> list[str]:
+    """Unlink this user's queue segments whose creating process is gone; returns their names."""
+    removed = []
+    for entry in os.scandir("/dev/shm"):
+        name = entry.name
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        pid = name[len(SEGMENT_PREFIX):].split("_", 1)[0]
+        try:
+            if not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)  # raises if no such process; a live one (or a reused pid) keeps its segments
+        except ProcessLookupError:
+            try:
+                os.unlink(entry.path)
+                removed.append(name)
+            except FileNotFoundError:
+                pass  # another server swept it first
+        except OSError:
+            continue  # alive but someone else's (EPERM), or the entry vanished
+    return removed
 
 
 def _clear(fd: int) -> None:

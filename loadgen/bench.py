@@ -111,6 +111,7 @@ async def _run(args, console: Console) -> dict:
     summary = summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
     summary["client_max_loop_lag_ms"] = 1e3 * max(lags, default=0.0)
     summary["client_p99_loop_lag_ms"] = 1e3 * float(np.percentile(lags, 99)) if lags else 0.0
+    summary.update(poller.load_balance())
     config = {
         **vars(args),
         "api_key": "<redacted>" if args.api_key else None,

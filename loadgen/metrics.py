@@ -148,3 +148,15 @@ def client_timeseries(records: list[RequestRecord], duration_s: float) -> dict:
         "output_throughput": (tokens / bin_s).tolist(),
         "request_throughput": (done / bin_s).tolist(),
     }
+
+
+def worker_balance(busy_s: list[float], tokens: list[float]) -> dict:
+    """Per-worker busy seconds and processed tokens, and their spread: max/mean (1 is perfect balance)
+    and the coefficient of variation."""
+    out = {"worker_busy_s": [round(b, 6) for b in busy_s], "worker_tokens": [int(t) for t in tokens]}
+    for name, values in (("busy", busy_s), ("tokens", tokens)):
+        a = np.asarray(values, dtype=np.float64)
+        mean = a.mean()
+        out[f"imbalance_{name}_max_over_mean"] = float(a.max() / mean) if mean else 1.0
+        out[f"imbalance_{name}_cv"] = float(a.std() / mean) if mean else 0.0
+    return out

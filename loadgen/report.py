@@ -21,6 +21,7 @@ from loadgen.metrics import LATENCIES, RequestRecord
 RESULTS = "results.json"
 LATENCY_PLOT = "latency_cdf.png"
 TIMELINE_PLOT = "timeline.png"
+WORKERS_PLOT = "workers.png"
 # Rows of the terminal summary and of `compare`: (label, summary key, format).
 MAIN_METRICS = [
     ("Completed requests", "completed", "{:d}"),
@@ -81,14 +82,24 @@ def print_summary(summary: dict, console: Console | None = None, title: str = "B
     table.add_column("Value", justify="right")
     for label, key, spec in MAIN_METRICS:
         table.add_row(label, fmt(summary.get(key), spec))
+    if "worker_busy_s" in summary:  # per-worker load: simulated, or scraped from halffull's /metrics
+        table.add_row("Busy time per worker (s)", " ".join(f"{b:.1f}" for b in summary["worker_busy_s"]))
+        table.add_row("Tokens per worker", " ".join(f"{t:d}" for t in summary["worker_tokens"]))
+        for name in ("busy", "tokens"):
+            table.add_row(f"Imbalance {name}: max/mean, CV", f"{summary[f'imbalance_{name}_max_over_mean']:.3f}, "
+                                                              f"{summary[f'imbalance_{name}_cv']:.3f}")
     (console or Console()).print(table)
 
 
 def plot_run(output_dir: str | Path, results: dict) -> list[Path]:
-    """latency_cdf.png (TTFT, TPOT, E2E) and timeline.png (throughput, in flight, server state)."""
+    """latency_cdf.png (TTFT, TPOT, E2E), timeline.png (throughput, in flight, server state) and, when
+    the summary has per-worker load, workers.png."""
     out = Path(output_dir)
     ok = [r for r in results["requests"] if r["success"]]
-    return [_plot_latency_cdfs(out / LATENCY_PLOT, ok), _plot_timeline(out / TIMELINE_PLOT, results)]
+    paths = [_plot_latency_cdfs(out / LATENCY_PLOT, ok), _plot_timeline(out / TIMELINE_PLOT, results)]
+    if "worker_busy_s" in results["summary"]:
+        paths.append(_plot_workers(out / WORKERS_PLOT, results["summary"]))
+    return paths
 
 
 def cdf_line(ax, values: list[float], label: str | None = None) -> None:
@@ -134,5 +145,22 @@ def _plot_timeline(path: Path, results: dict) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("seconds since start")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _plot_workers(path: Path, summary: dict) -> Path:
+    """Busy time and processed tokens per worker, with the mean: the load-imbalance figure."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    panels = (("worker_busy_s", "busy", "busy time (s)"), ("worker_tokens", "tokens", "tokens processed"))
+    for ax, (key, name, ylabel) in zip(fig.subplots(1, 2), panels):
+        values = summary[key]
+        ax.bar([str(i) for i in range(len(values))], values, color="tab:blue")
+        ax.axhline(float(np.mean(values)), color="tab:gray", linestyle="--", label="mean")
+        ax.set(xlabel="worker", ylabel=ylabel,
+               title=f"max/mean {summary[f'imbalance_{name}_max_over_mean']:.3f}, "
+                     f"CV {summary[f'imbalance_{name}_cv']:.3f}")
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=100)
     return path

@@ -2,6 +2,7 @@
 
 Names are looked up under halffull's prefix and vLLM's, so the tool works against either server.
 Gauges may come in several label sets (one per worker or engine): counts are summed, KV usage averaged.
+halffull's per-worker counters of busy time and processed tokens give the run's load-imbalance figures.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 
 import httpx
 
+from loadgen.metrics import worker_balance
+
 PREFIXES = ("halffull:", "vllm:")
 # series name in the report -> (metric names without prefix, in order of preference; how to combine)
 GAUGES = {
@@ -20,14 +23,19 @@ GAUGES = {
     "kv_cache_usage_perc": (("kv_cache_usage_perc", "gpu_cache_usage_perc"), lambda v: sum(v) / len(v)),
 }
 PREEMPTIONS = "num_preemptions_total"
+WORKER_BUSY = "halffull:worker_busy_seconds_total"
+WORKER_TOKENS = "halffull:worker_processed_tokens_total"
 
 # name, optional {labels} (label values may hold braces inside quotes), value; an optional timestamp follows.
-_SAMPLE = re.compile(r'([A-Za-z_:][\w:]*)(?:\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)')
+_SAMPLE = re.compile(r'([A-Za-z_:][\w:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)')
+_WORKER = re.compile(r'[{,]\s*(?:worker|engine)="([^"]*)"')
+
+Metrics = dict[str, dict[str, float]]
 
 
-def parse_prometheus(text: str) -> dict[str, list[float]]:
-    """Metric name -> the values of all its label sets."""
-    metrics: dict[str, list[float]] = {}
+def parse_prometheus(text: str) -> Metrics:
+    """Metric name -> {label set as written: value}."""
+    metrics: Metrics = {}
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -35,19 +43,34 @@ def parse_prometheus(text: str) -> dict[str, list[float]]:
         m = _SAMPLE.match(line)
         if m:
             try:
-                metrics.setdefault(m.group(1), []).append(float(m.group(2)))
+                metrics.setdefault(m.group(1), {})[m.group(2) or ""] = float(m.group(3))
             except ValueError:
                 continue  # not a sample line we understand; the rest of the page is still good
     return metrics
 
 
-def pick(metrics: dict[str, list[float]], names: tuple[str, ...], combine) -> float | None:
+def pick(metrics: Metrics, names: tuple[str, ...], combine) -> float | None:
     for name in names:
         for prefix in PREFIXES:
             values = metrics.get(prefix + name)
             if values:
-                return float(combine(values))
+                return float(combine(list(values.values())))
     return None
+
+
+def per_worker(metrics: Metrics, name: str) -> dict[str, float]:
+    """The values of one metric keyed by their worker (or engine) label."""
+    out = {}
+    for labels, value in metrics.get(name, {}).items():
+        m = _WORKER.search(labels)
+        if m:
+            out[m.group(1)] = value
+    return out
+
+
+def counter_deltas(first: dict[str, float], last: dict[str, float]) -> dict[str, float]:
+    """How much each worker's counter grew; a counter that went down was reset by a restart."""
+    return {w: v - first.get(w, 0.0) if v >= first.get(w, 0.0) else v for w, v in last.items()}
 
 
 class MetricsPoller:
@@ -106,3 +129,16 @@ class MetricsPoller:
             **series,
             "num_preemptions": preemptions[-1] - preemptions[0] if preemptions else None,
         }
+
+    def load_balance(self) -> dict:
+        """Per-worker busy time and processed tokens over the run and their spread (summary keys), from
+        halffull's counters; empty against a server that does not export them."""
+        if not self.samples:
+            return {}
+        first, last = self.samples[0][1], self.samples[-1][1]
+        busy = counter_deltas(per_worker(first, WORKER_BUSY), per_worker(last, WORKER_BUSY))
+        tokens = counter_deltas(per_worker(first, WORKER_TOKENS), per_worker(last, WORKER_TOKENS))
+        workers = sorted(busy.keys() & tokens.keys(), key=lambda w: (len(w), w))
+        if not workers:
+            return {}
+        return worker_balance([busy[w] for w in workers], [tokens[w] for w in workers])

@@ -40,7 +40,7 @@ from rich.table import Table
 from balancer import BALANCERS, WorkerLoad, make_balancer
 from engine.messages import SLO, GenerateRequest, LoadReport, SamplingParams
 from loadgen.args import add_output_arg, add_workload_args, positive_float, positive_int
-from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries, summarize
+from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries, summarize, worker_balance
 from loadgen.report import plot_run, print_summary, write_results
 from loadgen.workload import build_schedule, clamp_to_context
 from scheduling import SCHEDULERS, KVBlockManager, Request, SchedulerConfig, make_scheduler
@@ -152,8 +152,7 @@ class Worker:
         self.step_s = 0.0
         self.dry_steps = 0
         self.reports: deque[tuple[float, LoadReport]] = deque()  # (when the balancer sees it, report)
-        self.busy_s = 0.0
-        self.input_tokens = self.output_tokens = self.completed = 0
+        self.completed = 0
         self.samples: list[tuple[float, int, int, int]] = []  # (t, running, waiting, KV blocks used)
 
 
@@ -254,7 +253,6 @@ class Simulation:
         m = self.model
         step_s = m.c0 + m.c1 * tokens + m.c2 * len(plan.chunks) + m.c3 * kv_read
         worker.plan, worker.sampled, worker.step_s = plan, sampled, step_s
-        worker.busy_s += step_s
         heapq.heappush(self.events, (now + step_s, self.seq, worker.index))
         self.seq += 1
 
@@ -269,8 +267,6 @@ class Simulation:
                 track.done, track.num_preemptions = True, r.num_preemptions
                 track.queue_s = r.first_scheduled_time - r.arrival_time
                 worker.completed += 1
-                worker.input_tokens += track.input_tokens
-                worker.output_tokens += len(track.times)
                 finished += 1
         worker.dry_steps = 0 if touched else worker.dry_steps + 1
         if worker.dry_steps > STALL_STEPS:
@@ -316,8 +312,6 @@ class Simulation:
         preemptions = sum(w.scheduler.num_preemptions for w in self.workers)
         done = [t for t in self.tracks if t.done]
         queue_ms = np.array([t.queue_s * 1e3 for t in done])
-        busy = [w.busy_s for w in self.workers]
-        tokens = [w.input_tokens + w.output_tokens for w in self.workers]
         peak_kv = max((u for w in self.workers for *_, u in w.samples), default=0)
         extras = {
             "num_preemptions": preemptions,
@@ -327,16 +321,11 @@ class Simulation:
             "p99_queue_ms": float(np.percentile(queue_ms, 99)) if done else None,
             "mean_kv_usage": float(np.mean(kv_usage)),
             "max_kv_usage": peak_kv / self.workers[0].scheduler.kv.num_blocks,
-            "worker_busy_s": busy,
-            "worker_tokens": tokens,
+            **worker_balance([w.scheduler.busy_seconds for w in self.workers],
+                             [w.scheduler.processed_tokens for w in self.workers]),
             "worker_requests": [w.completed for w in self.workers],
             "worker_preemptions": [w.scheduler.num_preemptions for w in self.workers],
         }
-        for name, values in (("busy", busy), ("tokens", tokens)):
-            a = np.asarray(values, dtype=np.float64)
-            mean = a.mean()
-            extras[f"imbalance_{name}_max_over_mean"] = float(a.max() / mean) if mean else 1.0
-            extras[f"imbalance_{name}_cv"] = float(a.std() / mean) if mean else 0.0
         # Tail time between tokens per TBT target (SLAI's per-request targets).
         tiers: dict[str, dict] = {}
         for target in sorted({t.tbt_slo_ms for t in done if t.tbt_slo_ms is not None}):
@@ -412,11 +401,7 @@ def simulator_table(s: dict) -> Table:
             ("Preemptions per request", f"{s['preemption_rate']:.4f}"),
             ("Requests preempted", f"{s['preempted_requests']:d}"),
             ("Mean / P99 queue time (ms)", f"{s['mean_queue_ms']:.2f} / {s['p99_queue_ms']:.2f}"),
-            ("Mean / max KV usage", f"{s['mean_kv_usage']:.1%} / {s['max_kv_usage']:.1%}"),
-            ("Busy time per worker (s)", " ".join(f"{b:.1f}" for b in s["worker_busy_s"])),
-            ("Imbalance busy: max/mean, CV", f"{s['imbalance_busy_max_over_mean']:.3f}, {s['imbalance_busy_cv']:.3f}"),
-            ("Imbalance tokens: max/mean, CV",
-             f"{s['imbalance_tokens_max_over_mean']:.3f}, {s['imbalance_tokens_cv']:.3f}")]
+            ("Mean / max KV usage", f"{s['mean_kv_usage']:.1%} / {s['max_kv_usage']:.1%}")]
     for target, tier in s.get("tbt_tiers", {}).items():
         rows.append((f"P99 ITL, TBT target {target} ms", f"{tier['p99_itl_ms']:.2f} ({'met' if tier['met'] else 'missed'})"))
     rows.append(("Simulation wall time (s)", f"{s['simulation_wall_s']:.2f}"))

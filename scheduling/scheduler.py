@@ -64,6 +64,8 @@ class SchedulerStats:
     num_steps: int
     expected_output_tokens: float
     outstanding_tokens: float
+    busy_seconds: float  # total time spent in steps: with processed_tokens, the load-imbalance figures
+    processed_tokens: int  # prompt and output tokens run through the model, recomputation included
 
 
 class RunningMean:
@@ -96,6 +98,8 @@ class Scheduler:
         self.output_len = RunningMean(self.DEFAULT_EXPECTED_OUTPUT)
         self.num_preemptions = 0
         self.num_steps = 0
+        self.busy_seconds = 0.0
+        self.processed_tokens = 0
         self.counters: dict[str, int] = {}  # policy decision counters, exported on /metrics
 
     # ---- the interface ------------------------------------------------------------------------
@@ -123,6 +127,8 @@ class Scheduler:
         where the chunk did not sample). Returns the requests that got a token or finished."""
         self.num_steps += 1
         self.step_time.add(step_seconds)
+        self.busy_seconds += step_seconds
+        self.processed_tokens += plan.num_batched_tokens
         touched = []
         for chunk, token in zip(plan.chunks, sampled):
             request = chunk.request
@@ -174,6 +180,8 @@ class Scheduler:
             num_steps=self.num_steps,
             expected_output_tokens=expected,
             outstanding_tokens=outstanding,
+            busy_seconds=self.busy_seconds,
+            processed_tokens=self.processed_tokens,
         )
 
     # ---- mechanics shared by policies -------------------------------------------------------

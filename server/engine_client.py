@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from balancer.process import balancer_main
-from engine.ipc import ShmQueue
+from engine.ipc import ShmQueue, remove_orphaned_segments
 from engine.messages import (Abort, FromBalancer, FromWorker, GenerateRequest, LoadReport, Routed, RouteFailed,
                              SamplingParams, Shutdown, SLO, StepOutputs, ToBalancer, ToWorker, TokenOutput,
                              WorkerDown, WorkerFailed, WorkerReady, WorkerUp)
@@ -56,6 +56,9 @@ class EngineClient:
         self.devices = devices
         self.model_path, self.engine_args, self.log_level = model_path, engine_args, log_level
         self.ctx = mp.get_context("spawn")
+        orphaned = remove_orphaned_segments()
+        if orphaned:
+            log.info("removed %d shared-memory segments left by a server that was killed", len(orphaned))
         self.to_balancer = ShmQueue.create(QUEUE_BYTES, ToBalancer)
         self.from_balancer = ShmQueue.create(QUEUE_BYTES, FromBalancer)
         self.workers = [WorkerSlot(i, ShmQueue.create(QUEUE_BYTES, ToWorker), ShmQueue.create(QUEUE_BYTES, FromWorker),

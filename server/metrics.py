@@ -38,6 +38,9 @@ class ReportCollector:
         preempt = family(CounterMetricFamily, "halffull:num_preemptions", "Preemptions by recompute.")
         received = family(CounterMetricFamily, "halffull:worker_requests", "Requests the worker has received.")
         steps = family(CounterMetricFamily, "halffull:engine_steps", "Engine steps the worker has run.")
+        busy = family(CounterMetricFamily, "halffull:worker_busy_seconds", "Time the worker has spent in engine steps.")
+        processed = family(CounterMetricFamily, "halffull:worker_processed_tokens",
+                           "Prompt and output tokens the worker has run through the model, recomputation included.")
         # Names that Kubernetes inference gateways scrape by default.
         gw_waiting = family(GaugeMetricFamily, "vllm:num_requests_waiting", "Alias of halffull:num_requests_waiting.")
         gw_kv = family(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "Alias of halffull:kv_cache_usage_perc.")
@@ -55,12 +58,13 @@ class ReportCollector:
                                (free, r.kv_blocks_total - r.kv_blocks_used), (total, r.kv_blocks_total),
                                (step, r.mean_step_time), (preempt, r.num_preemptions),
                                (received, r.requests_in), (steps, r.num_steps),
+                               (busy, r.busy_seconds), (processed, r.processed_tokens),
                                (gw_waiting, r.num_waiting), (gw_kv, usage)):
                 fam.add_metric(lv, value)
             for name, value in r.counters.items():
                 decisions.add_metric(lv + [name], value)
         yield from (running, waiting, kv, free, total, step, up, restarts, balancer_restarts, in_flight, preempt,
-                    received, steps, gw_waiting, gw_kv, decisions)
+                    received, steps, busy, processed, gw_waiting, gw_kv, decisions)
 
 
 class Metrics:

@@ -71,12 +71,21 @@ def test_completions_with_exact_token_lengths(server, tmp_path):
 
 
 def test_sal_balancer_uses_both_workers(server, tmp_path):
-    run_loadgen(server, tmp_path, "--workload", "synthetic", "--input-len", "64", "--output-len", "32",
-                "--length-dist", "uniform", "--num-requests", "24", "--rate", "inf")
+    results = run_loadgen(server, tmp_path, "--workload", "synthetic", "--input-len", "64", "--output-len", "32",
+                          "--length-dist", "uniform", "--num-requests", "24", "--rate", "inf")
     text = httpx.get(server.removesuffix("/v1") + "/metrics").text
     received = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line.startswith("halffull:worker_requests_total{")]
     assert len(received) == 2 and min(received) >= 4, received
+    # the report's load-imbalance figures, from the workers' busy-time and token counters
+    s = results["summary"]
+    assert len(s["worker_busy_s"]) == 2 and min(s["worker_busy_s"]) > 0
+    assert min(s["worker_tokens"]) > 0
+    # every output token but each request's last is fed back through a model pass (prompt tokens may
+    # come from the prefix cache instead)
+    assert sum(s["worker_tokens"]) >= s["total_output_tokens"] - 24
+    assert 1.0 <= s["imbalance_busy_max_over_mean"] <= 2.0
+    assert (tmp_path / "workers.png").stat().st_size > 10_000
 
 
 def test_chat_with_varied_lengths_and_arrivals(server, tmp_path):

@@ -6,8 +6,8 @@ import pytest
 # Records keep times in ms rounded to µs.
 approx = partial(pytest.approx, abs=1e-3)
 
-from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries, summarize
-from loadgen.scrape import GAUGES, PREEMPTIONS, parse_prometheus, pick
+from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries, summarize, worker_balance
+from loadgen.scrape import GAUGES, PREEMPTIONS, counter_deltas, parse_prometheus, per_worker, pick
 
 
 def records() -> list[RequestRecord]:
@@ -111,7 +111,8 @@ vllm:num_preemptions_total{engine="0",model_name="m"} 1
 
 def test_prometheus_parsing_and_aggregation():
     m = parse_prometheus(METRICS_TEXT)
-    assert m["halffull:num_requests_running"] == [3.0, 4.0]
+    assert list(m["halffull:num_requests_running"].values()) == [3.0, 4.0]
+    assert per_worker(m, "halffull:kv_cache_usage_perc") == {"0": 0.5, "1": 0.25}
     assert pick(m, *GAUGES["num_requests_running"]) == 7  # summed across workers
     assert pick(m, *GAUGES["num_requests_waiting"]) == 1
     assert pick(m, *GAUGES["kv_cache_usage_perc"]) == pytest.approx(0.375)  # averaged
@@ -123,3 +124,26 @@ def test_vllm_names_are_accepted():
     assert pick(m, *GAUGES["num_requests_running"]) == 2
     assert pick(m, *GAUGES["kv_cache_usage_perc"]) == 0.75
     assert pick(m, *GAUGES["num_requests_waiting"]) is None
+
+
+def test_worker_counters_over_a_run():
+    before = parse_prometheus('halffull:worker_busy_seconds_total{model_name="m",worker="0"} 2.5\n'
+                              'halffull:worker_busy_seconds_total{model_name="m",worker="1"} 9.0\n')
+    after = parse_prometheus('halffull:worker_busy_seconds_total{model_name="m",worker="0"} 4.0\n'
+                             'halffull:worker_busy_seconds_total{model_name="m",worker="1"} 1.5\n'
+                             'halffull:worker_busy_seconds_total{model_name="m",worker="2"} 0.5\n')
+    name = "halffull:worker_busy_seconds_total"
+    # worker 1 was restarted (its counter went down): all of its new count is from the run;
+    # worker 2 joined during the run
+    assert counter_deltas(per_worker(before, name), per_worker(after, name)) == {"0": 1.5, "1": 1.5, "2": 0.5}
+
+
+def test_worker_balance_figures():
+    b = worker_balance([1.0, 1.0, 4.0], [100, 300, 200])
+    assert b["worker_busy_s"] == [1.0, 1.0, 4.0] and b["worker_tokens"] == [100, 300, 200]
+    assert b["imbalance_busy_max_over_mean"] == pytest.approx(2.0)
+    assert b["imbalance_busy_cv"] == pytest.approx(np.std([1, 1, 4]) / 2)
+    assert b["imbalance_tokens_max_over_mean"] == pytest.approx(1.5)
+    even = worker_balance([3.0, 3.0], [7, 7])
+    assert even["imbalance_busy_max_over_mean"] == 1.0 and even["imbalance_tokens_cv"] == 0.0
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -13,19 +14,20 @@ import httpx
 import openai
 import pytest
 
+from engine.ipc import SEGMENT_PREFIX
 from server_utils import ServerProcess
 
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
 
 
 def shm_segments() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("psm_")}
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(SEGMENT_PREFIX)}
 
 
 def mapped_segments(pid: int) -> set[str]:
     """Shared-memory segments a process has mapped (other servers may run beside this test)."""
     return {line.rsplit("/", 1)[1].split()[0] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-            if "/dev/shm/psm_" in line}
+            if f"/dev/shm/{SEGMENT_PREFIX}" in line}
 
 
 def child_named(server: ServerProcess, name: str) -> int:
@@ -100,6 +102,30 @@ def test_sigterm_exits_cleanly_without_orphans_or_segments():
              and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
     assert alive == []
     assert ours & shm_segments() == set()
+
+
+def test_segments_of_a_killed_process_group_are_removed_by_the_next_server():
+    server = ServerProcess("--workers", "1", "--num-kv-blocks", "64")
+    ours = mapped_segments(server.proc.pid)
+    assert len(ours) == 2 + 3
+    # Everything at once, resource tracker included: nothing is left to unlink the segments.
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    assert ours <= shm_segments()
+    # A segment of a process that is still alive (this one) is not touched.
+    alive = Path(f"/dev/shm/{SEGMENT_PREFIX}{os.getpid()}_test")
+    alive.write_bytes(b"")
+    try:
+        second = ServerProcess("--workers", "1", "--num-kv-blocks", "64")
+        try:
+            assert ours & shm_segments() == set()
+            assert alive.exists()
+            removed = re.search(r"removed (\d+) shared-memory segments", second.output())
+            assert removed and int(removed.group(1)) >= len(ours), second.output()
+        finally:
+            assert second.stop() == 0, second.output()
+    finally:
+        alive.unlink()
 
 
 def test_startup_failure_exits_nonzero(tmp_path):

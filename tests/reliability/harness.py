@@ -194,7 +194,7 @@ class Footprint:
             try:
                 fds += len(os.listdir(f"/proc/{p}/fd"))
                 segments |= {line.rsplit("/", 1)[1] for line in Path(f"/proc/{p}/maps").read_text().splitlines()
-                             if "/dev/shm/psm_" in line}
+                             if "/dev/shm/halffull_" in line}
                 rss += memory_mb(p)["VmRSS"]
             except OSError:
                 continue
