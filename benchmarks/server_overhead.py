@@ -16,7 +16,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def offline(prompts, output_len: int) -> float:
+    import torch
+
     from engine import LLM, SamplingParams
+    from engine.worker import cpu_threads_per_worker
+    torch.set_num_threads(cpu_threads_per_worker(1))  # as many threads as the server's one worker gets
     llm = LLM(None, max_num_batched_tokens=2048)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))
     start = time.perf_counter()
@@ -58,6 +62,7 @@ def main() -> None:
     args = p.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(256) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    from engine.worker import cpu_threads_per_worker
     t_off = offline(prompts, args.output_len)
     t_on, ttft = online(prompts, args.output_len)
     tokens = args.num_prompts * args.output_len
@@ -65,7 +70,8 @@ def main() -> None:
              f"| offline `LLM.generate` | {t_off:.2f} s | {tokens / t_off:,.0f} | |\n"
              f"| server, 1 worker, streaming | {t_on:.2f} s | {tokens / t_on:,.0f} | {1000 * ttft:.0f} ms |\n\n"
              f"{args.num_prompts} concurrent requests of {args.input_len} prompt tokens and {args.output_len} "
-             f"output tokens, demo model. The HTTP + IPC path adds {100 * (t_on / t_off - 1):.0f}% to the "
+             f"output tokens, demo model; both paths run the engine on "
+             f"{cpu_threads_per_worker(1)} intra-op thread(s). The HTTP + IPC path adds {100 * (t_on / t_off - 1):.0f}% to the "
              f"offline time ({1000 * (t_on - t_off) / tokens:.2f} ms per output token).")
     print(table)
     if args.record:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -66,14 +65,10 @@ def test_four_workers_with_sal_use_every_worker(tmp_path):
     assert s["imbalance_tokens_max_over_mean"] >= 1.0 and s["imbalance_busy_cv"] >= 0.0
 
 
-def test_ten_thousand_requests_on_one_worker_run_in_time(tmp_path):
-    t0 = time.perf_counter()
+def test_ten_thousand_requests_on_one_worker(tmp_path):
+    # How fast this runs is measured in BENCHMARKS.md ("Simulator speed"), not asserted here.
     results = run(tmp_path, "--num-requests", "10000", "--rate", "18")
-    elapsed = time.perf_counter() - t0
-    print(f"\n10,000 requests, one worker: {elapsed:.1f} s in all, "
-          f"{results['summary']['simulation_wall_s']:.1f} s simulating")
-    assert results["summary"]["completed"] == 10000
-    assert elapsed < 120
+    assert_exact(results, 10000)
 
 
 def test_fit_recovers_known_coefficients(tmp_path):
