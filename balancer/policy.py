@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from engine.messages import GenerateRequest, LoadReport
+from scheduling import SchedulerStats
 from scheduling.registry import Knobs, Registry
 
 
@@ -24,9 +25,14 @@ class WorkerLoad:
     unreported: list[GenerateRequest] = field(default_factory=list)  # sent after `report` was made
 
     @property
+    def stats(self) -> SchedulerStats | None:
+        """The worker's load as of its latest report (None before the first)."""
+        return self.report.stats if self.report else None
+
+    @property
     def in_flight(self) -> int:
         """Requests running or waiting at the worker, counting those not yet reported."""
-        r = self.report
+        r = self.stats
         return (r.num_running + r.num_waiting if r else 0) + len(self.unreported)
 
     def record_sent(self, request: GenerateRequest) -> None:

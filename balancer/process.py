@@ -74,7 +74,7 @@ class Balancer:
             self.workers[worker_id].record_report(latest)
             # The server only exports reports on /metrics: a few a second do, and an idle worker's
             # last one always goes, so the gauges settle at the true final state.
-            idle = latest.num_running == 0 and latest.num_waiting == 0
+            idle = latest.stats.num_running == 0 and latest.stats.num_waiting == 0
             if idle or latest.time - self.forwarded[worker_id] >= FORWARD_INTERVAL_S:
                 self.forwarded[worker_id] = latest.time
                 await self.outbox.put_async(latest)

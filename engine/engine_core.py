@@ -5,7 +5,6 @@ Used in-process by the offline `LLM` and inside each worker process by the serve
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -127,5 +126,5 @@ class EngineCore:
         return outputs
 
     def load_report(self) -> LoadReport:
-        return LoadReport(worker_id=self.worker_id, requests_in=self.requests_in, counters=dict(self.scheduler.counters),
-                          time=time.monotonic(), **dataclasses.asdict(self.scheduler.stats()))
+        return LoadReport(worker_id=self.worker_id, stats=self.scheduler.stats(), requests_in=self.requests_in,
+                          counters=dict(self.scheduler.counters), time=time.monotonic())

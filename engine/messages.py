@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import msgspec
 
+from scheduling.scheduler import SchedulerStats
+
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_tokens: int = 16
@@ -136,21 +138,9 @@ class StepOutputs(msgspec.Struct, tag=True):
 
 class LoadReport(msgspec.Struct, tag=True):
     worker_id: int
-    num_running: int
-    num_waiting: int
-    waiting_prefill_tokens: int
-    running_tokens: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    mean_step_time: float
-    num_preemptions: int = 0
-    num_steps: int = 0
-    expected_output_tokens: float = 0.0
-    outstanding_tokens: float = 0.0  # prefill left plus expected decode left, in tokens
+    stats: SchedulerStats
     requests_in: int = 0  # requests this worker has received in total (balancer reconciles on it)
-    busy_seconds: float = 0.0
-    processed_tokens: int = 0
-    counters: dict[str, int] = {}
+    counters: dict[str, int] = {}  # the policy's decision counters
     time: float = 0.0
     incarnation: int = 0  # which start of this worker sent it; stale reports are dropped
 

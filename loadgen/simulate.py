@@ -274,8 +274,8 @@ class Simulation:
                                   f"(scheduler {self.args.scheduler!r} livelocked at t={now:.3f}s)")
         worker.samples.append((now, len(s.running), len(s.waiting), s.kv.num_used_blocks))
         if self.reporting:
-            report = LoadReport(worker_id=worker.index, requests_in=worker.requests_in, time=now,
-                                counters=dict(s.counters), **vars(s.stats()))
+            report = LoadReport(worker_id=worker.index, stats=s.stats(), requests_in=worker.requests_in,
+                                counters=dict(s.counters), time=now)
             worker.reports.append((now + self.delay_s, report))
         self.take_inbox(worker)
         self.start_step(worker, now)

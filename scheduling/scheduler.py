@@ -53,19 +53,21 @@ class StepPlan:
 
 @dataclass
 class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    waiting_prefill_tokens: int
-    running_tokens: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    mean_step_time: float
-    num_preemptions: int
-    num_steps: int
-    expected_output_tokens: float
-    outstanding_tokens: float
-    busy_seconds: float  # total time spent in steps: with processed_tokens, the load-imbalance figures
-    processed_tokens: int  # prompt and output tokens run through the model, recomputation included
+    """A worker's load as its scheduler sees it; workers send it to the balancer in each LoadReport.
+    The defaults describe an idle worker."""
+    num_running: int = 0
+    num_waiting: int = 0
+    waiting_prefill_tokens: int = 0
+    running_tokens: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    mean_step_time: float = 0.0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    expected_output_tokens: float = 0.0
+    outstanding_tokens: float = 0.0  # prefill left plus expected decode left, in tokens
+    busy_seconds: float = 0.0  # total time spent in steps: with processed_tokens, the load-imbalance figures
+    processed_tokens: int = 0  # prompt and output tokens run through the model, recomputation included
 
 
 class RunningMean:

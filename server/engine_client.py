@@ -19,6 +19,7 @@ from engine.messages import (Abort, FromBalancer, FromWorker, GenerateRequest, L
                              SamplingParams, Shutdown, SLO, StepOutputs, ToBalancer, ToWorker, TokenOutput,
                              WorkerDown, WorkerFailed, WorkerReady, WorkerUp)
 from engine.worker import cpu_threads_per_worker, worker_main
+from scheduling import SchedulerStats
 
 log = logging.getLogger("server")
 
@@ -138,7 +139,7 @@ class EngineClient:
     def _ready(self, w: WorkerSlot, ready: WorkerReady) -> None:
         w.ready, w.alive = ready, ready.error is None
         if w.alive:  # until its first load report (it sends none while idle), /metrics shows an empty worker
-            self.reports[w.worker_id] = LoadReport(w.worker_id, 0, 0, 0, 0, 0, ready.num_kv_blocks, 0.0,
+            self.reports[w.worker_id] = LoadReport(w.worker_id, SchedulerStats(kv_blocks_total=ready.num_kv_blocks),
                                                    incarnation=ready.incarnation)
 
     @property

@@ -53,13 +53,14 @@ class ReportCollector:
             r = self.client.reports.get(w.worker_id)
             if r is None:
                 continue
-            usage = r.kv_blocks_used / r.kv_blocks_total if r.kv_blocks_total else 0.0
-            for fam, value in ((running, r.num_running), (waiting, r.num_waiting), (kv, usage),
-                               (free, r.kv_blocks_total - r.kv_blocks_used), (total, r.kv_blocks_total),
-                               (step, r.mean_step_time), (preempt, r.num_preemptions),
-                               (received, r.requests_in), (steps, r.num_steps),
-                               (busy, r.busy_seconds), (processed, r.processed_tokens),
-                               (gw_waiting, r.num_waiting), (gw_kv, usage)):
+            s = r.stats
+            usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
+            for fam, value in ((running, s.num_running), (waiting, s.num_waiting), (kv, usage),
+                               (free, s.kv_blocks_total - s.kv_blocks_used), (total, s.kv_blocks_total),
+                               (step, s.mean_step_time), (preempt, s.num_preemptions),
+                               (received, r.requests_in), (steps, s.num_steps),
+                               (busy, s.busy_seconds), (processed, s.processed_tokens),
+                               (gw_waiting, s.num_waiting), (gw_kv, usage)):
                 fam.add_metric(lv, value)
             for name, value in r.counters.items():
                 decisions.add_metric(lv + [name], value)

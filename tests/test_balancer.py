@@ -8,13 +8,13 @@ import pytest
 
 from balancer import WorkerLoad, make_balancer
 from engine.messages import GenerateRequest, LoadReport, SamplingParams
+from scheduling import SchedulerStats
 
 
 def report(worker_id, running=0, waiting=0, outstanding=0.0, requests_in=0, **kw) -> LoadReport:
-    fields = dict(worker_id=worker_id, num_running=running, num_waiting=waiting, waiting_prefill_tokens=0,
-                  running_tokens=0, kv_blocks_used=0, kv_blocks_total=1000, mean_step_time=0.01,
-                  expected_output_tokens=64.0, outstanding_tokens=outstanding, requests_in=requests_in)
-    return LoadReport(**(fields | kw))
+    stats = dict(num_running=running, num_waiting=waiting, kv_blocks_total=1000, mean_step_time=0.01,
+                 expected_output_tokens=64.0, outstanding_tokens=outstanding)
+    return LoadReport(worker_id, SchedulerStats(**(stats | kw)), requests_in=requests_in)
 
 
 def gen(rid, prompt_len=100, max_tokens=50, ignore_eos=True) -> GenerateRequest:

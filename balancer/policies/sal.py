@@ -36,7 +36,7 @@ class SAL(BalancerPolicy):
 
     def load(self, worker: WorkerLoad) -> float:
         """Tokens the worker still has to compute, counting what was sent since its report."""
-        r = worker.report
+        r = worker.stats
         mean_output = r.expected_output_tokens if r else self.knobs.prior_output_tokens
         return (r.outstanding_tokens if r else 0.0) + sum(
             len(u.prompt_token_ids) + expected_output(u, mean_output) for u in worker.unreported)

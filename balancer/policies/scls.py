@@ -43,7 +43,7 @@ class SCLSOffload(BalancerPolicy):
 
     def finish_time(self, request: GenerateRequest, worker: WorkerLoad) -> float:
         """Estimated seconds until `request` would finish on `worker`."""
-        k, r, sent = self.knobs, worker.report, worker.unreported
+        k, r, sent = self.knobs, worker.stats, worker.unreported
         mean_output = r.expected_output_tokens if r else k.prior_output_tokens
         others = (r.num_running + r.num_waiting if r else 0) + len(sent)
         prefill = ((r.waiting_prefill_tokens if r else 0) + sum(len(u.prompt_token_ids) for u in sent)

@@ -103,6 +103,41 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     )
 
 
+# --------------------------------------------------------------------------------------------- shared
+
+
+@triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, offs_n, n_valid, offs_d, kv_head,
+                  stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
+                  BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V of one kv head at logical key positions `offs_n` ([BLOCK_N, HEAD_DIM] each), found through
+    the sequence's block table row. Gathering per key keeps BLOCK_N independent of the cache block size."""
+    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
+    off = offs_n % BLOCK_SIZE
+    k = tl.load(k_cache_ptr + (blk * stride_kcb + off * stride_kco + kv_head * stride_kch)[:, None]
+                + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + (blk * stride_vcb + off * stride_vco + kv_head * stride_vch)[:, None]
+                + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
+    """One online-softmax step: fold the scores of the query rows against one K/V tile into the running
+    max `m_i` (log2 domain), denominator `l_i` and unnormalised output `acc`."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
 # --------------------------------------------------------------------------------------------- prefill
 
 
@@ -152,28 +187,12 @@ def _prefill_kernel(
     for start_n in range(0, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_end
-        # Translate logical key positions to physical cache rows through the block table. Gathering per key
-        # keeps BLOCK_N independent of the cache block size.
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
-        off = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + (blk * stride_kcb + off * stride_kco + kv_head * stride_kch)[:, None]
-                    + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + (blk * stride_vcb + off * stride_vco + kv_head * stride_vch)[:, None]
-                    + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, offs_n, n_valid, offs_d, kv_head,
+                             stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
+                             BLOCK_SIZE, UPCAST)
+        # Every row sees key 0 in the first tile, so m stays finite from then on (no inf - inf).
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        # Every row sees key 0 in the first tile, so m_new is finite from then on (no inf - inf).
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PREC)
 
     acc = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -261,25 +280,11 @@ def _decode_kernel(
     for start_n in range(kv_start, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_end
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
-        off = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + (blk * stride_kcb + off * stride_kco + kv_head * stride_kch)[:, None]
-                    + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + (blk * stride_vcb + off * stride_vco + kv_head * stride_vch)[:, None]
-                    + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        # The first key of every visited tile is valid, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, offs_n, n_valid, offs_d, kv_head,
+                             stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
+                             BLOCK_SIZE, UPCAST)
+        # The first key of every visited tile is valid, so m stays finite.
+        m_i, l_i, acc = _attend_tile(q, k, v, n_valid[None, :], m_i, l_i, acc, qk_scale, DOT_PREC)
 
     if NUM_SPLITS == 1:
         # No reduction pass needed; an empty context (padding sequence) yields zeros, not 0/0.
