@@ -312,7 +312,9 @@ class ShmQueue:
 
 
 def remove_orphaned_segments() -> list[str]:
-    """Unlink this user's queue segments whose creating process is gone; returns their names."""
+    """Unlink this user's queue segments whose creating process is gone; returns their names.
+    Liveness is judged in this process's pid namespace, so processes that share a /dev/shm must share
+    that too (as they do unless /dev/shm is mounted into several containers)."""
     removed = []
     for entry in os.scandir("/dev/shm"):
         name = entry.name

@@ -23,6 +23,7 @@ GAUGES = {
     "kv_cache_usage_perc": (("kv_cache_usage_perc", "gpu_cache_usage_perc"), lambda v: sum(v) / len(v)),
 }
 PREEMPTIONS = "num_preemptions_total"
+FINAL_SCRAPE_DELAY_S = 0.2
 WORKER_BUSY = "halffull:worker_busy_seconds_total"
 WORKER_TOKENS = "halffull:worker_processed_tokens_total"
 
@@ -94,7 +95,10 @@ class MetricsPoller:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-            await self._scrape()  # so the preemption delta covers the whole run
+            # A server's counters may trail its last tokens (halffull's come with the workers' load
+            # reports, relayed by the balancer): give the final figures a moment to land.
+            await asyncio.sleep(FINAL_SCRAPE_DELAY_S)
+            await self._scrape()  # so the preemption delta and the per-worker counters cover the whole run
         await self._http.aclose()
         return self.result()
 
