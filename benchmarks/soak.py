@@ -101,7 +101,7 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
 def faults(url: str, pid: int, tally: Tally, rng: random.Random, workers: int) -> None:
     for name in (f"halffull-w{rng.randrange(workers)}", "halffull-bal"):
         victim = child_named(pid, name)
-        bodies = [completion(f"{name} {i}", 200, stream=i % 2 == 0) for i in range(12)]
+        bodies = [completion(f"{name} {i}", 1000, stream=i % 2 == 0) for i in range(12)]
         asyncio.run(load_and(url, tally, bodies, lambda: os.kill(victim, signal.SIGKILL), rng.uniform(0.5, 2.0)))
         wait_healthy(url)
         tally["killed worker" if name.startswith("halffull-w") else "killed balancer"] += 1
