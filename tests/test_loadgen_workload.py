@@ -12,7 +12,7 @@ from loadgen.workload import (
     synthetic_workload,
 )
 
-TRACE = Path("/work/shared/traces/azure_llm_2023_conv.csv")
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_2023_conv.csv"  # ../shared/
 needs_trace = pytest.mark.skipif(not TRACE.exists(), reason="Azure conv trace not present")
 
 

@@ -15,7 +15,7 @@ from loadgen.simulate import SimulationError, StepModel, build_parser, fit_step_
 from scheduling import SCHEDULERS, StepPlan
 from scheduling.policies.fcfs import FCFS
 
-CONV = Path("/work/shared/traces/azure_llm_2023_conv.csv")
+CONV = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_2023_conv.csv"  # ../shared/
 pytestmark = pytest.mark.skipif(not CONV.exists(), reason="Azure conv trace not present")
 
 
