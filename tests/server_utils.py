@@ -1,4 +1,4 @@
-"""Start a real `python -m server` subprocess for tests and talk to it."""
+"""Start a real `python -m server` subprocess for tests and talk to it; where the shared trace data lies."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+CONV_TRACE = ROOT.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"  # ../shared beside the repo, as CI lays it
 
 
 def free_port() -> int:

@@ -1,7 +1,6 @@
 import argparse
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ from loadgen.workload import (
     WorkloadRequest, arrival_times, build_schedule, clamp_to_context, load_workload, read_trace,
     synthetic_workload,
 )
+from server_utils import CONV_TRACE
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_2023_conv.csv"  # ../shared/
-needs_trace = pytest.mark.skipif(not TRACE.exists(), reason="Azure conv trace not present")
+needs_trace = pytest.mark.skipif(not CONV_TRACE.exists(), reason="Azure conv trace not present")
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -77,7 +76,7 @@ def test_synthetic_length_distributions():
 
 @needs_trace
 def test_reads_the_azure_trace():
-    requests = read_trace(TRACE)
+    requests = read_trace(CONV_TRACE)
     assert len(requests) == 19366
     first, second = requests[0], requests[1]
     assert (first.input_tokens, first.output_tokens, first.arrival_s) == (374, 44, 0.0)
@@ -89,20 +88,20 @@ def test_reads_the_azure_trace():
 
 @needs_trace
 def test_replayed_trace_times_are_scaled():
-    schedule = build_schedule(parse("--workload", str(TRACE), "--replay-timestamps", "--time-scale", "0.5",
+    schedule = build_schedule(parse("--workload", str(CONV_TRACE), "--replay-timestamps", "--time-scale", "0.5",
                                     "--num-requests", "100"))
     assert len(schedule) == 100
     assert schedule[0].arrival_s == 0.0
     assert schedule[1].arrival_s == pytest.approx(4.314579 * 0.5, abs=1e-6)
-    unscaled = read_trace(TRACE)[:100]
+    unscaled = read_trace(CONV_TRACE)[:100]
     assert [s.arrival_s for s in schedule] == pytest.approx([0.5 * r.arrival_s for r in unscaled])
 
 
 @needs_trace
 def test_trace_at_a_rate_keeps_row_order_and_draws_poisson_arrivals():
-    schedule = build_schedule(parse("--workload", str(TRACE), "--rate", "4", "--num-requests", "3000",
+    schedule = build_schedule(parse("--workload", str(CONV_TRACE), "--rate", "4", "--num-requests", "3000",
                                     "--seed", "5"))
-    rows = read_trace(TRACE)[:3000]
+    rows = read_trace(CONV_TRACE)[:3000]
     assert [(s.input_tokens, s.output_tokens) for s in schedule] == [(r.input_tokens, r.output_tokens) for r in rows]
     assert gaps([s.arrival_s for s in schedule]).mean() == pytest.approx(0.25, rel=0.06)
 

@@ -14,13 +14,13 @@ from loadgen.report import load_results
 from loadgen.simulate import SimulationError, StepModel, build_parser, fit_step_log, main, simulate
 from scheduling import SCHEDULERS, StepPlan
 from scheduling.policies.fcfs import FCFS
+from server_utils import CONV_TRACE
 
-CONV = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_2023_conv.csv"  # ../shared/
-pytestmark = pytest.mark.skipif(not CONV.exists(), reason="Azure conv trace not present")
+pytestmark = pytest.mark.skipif(not CONV_TRACE.exists(), reason="Azure conv trace not present")
 
 
 def run(tmp_path: Path, *argv: str, name: str = "run") -> dict:
-    args = build_parser().parse_args(["--workload", str(CONV), "--output", str(tmp_path / name), *argv])
+    args = build_parser().parse_args(["--workload", str(CONV_TRACE), "--output", str(tmp_path / name), *argv])
     return simulate(args, Console(file=io.StringIO()))
 
 

@@ -1,15 +1,9 @@
 """Triton paged-attention kernels vs a dense torch reference, run on CPU through the Triton interpreter."""
 
-import os
+from types import SimpleNamespace
 
-# Must be set before triton is first imported: @triton.jit (triton's own helpers included) picks the
-# interpreter at definition time.
-os.environ["TRITON_INTERPRET"] = "1"
-
-from types import SimpleNamespace  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 import triton.language  # noqa: E402
@@ -18,10 +12,11 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from engine.attention import triton_kernels as tk  # noqa: E402
 
-# If triton (or the kernels module) was imported earlier in this process without the variable, its @jit
-# functions (tl.sum, tl.max, ...) are compiled-mode objects and cannot run on CPU tensors.
+# tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton: @triton.jit (triton's own helpers
+# included) picks the interpreter at definition time. Without it, tl.sum, tl.max, ... are compiled-mode
+# objects and cannot run on CPU tensors.
 if not (tk.INTERPRETED and isinstance(triton.language.sum, InterpretedFunction)):
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file with TRITON_INTERPRET=1",
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run the tests with TRITON_INTERPRET=1",
                 allow_module_level=True)
 from engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
