@@ -95,6 +95,7 @@ class EngineArgs:
     kv_cache_gb: float | None = None
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
+    prefix_cache_hash_salt: str = ""  # mixed into every prefix-cache digest of this server
     scheduler: str = "fcfs"
     scheduler_knobs: dict = field(default_factory=dict)
     attention_backend: str = "auto"

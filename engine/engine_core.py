@@ -34,7 +34,8 @@ class EngineCore:
         if args.max_num_batched_tokens is None:
             args.max_num_batched_tokens = 2048 if device.type == "cuda" else 512
         self.runner = ModelRunner(config, args, self.max_model_len)
-        self.kv = KVBlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.kv = KVBlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching,
+                                 args.prefix_cache_hash_salt)
         pool_tokens = self.kv.num_blocks * args.block_size
         if self.max_model_len > pool_tokens:
             # A sequence longer than the whole pool could never be scheduled again once it grew.

@@ -33,7 +33,7 @@ class Request:
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # of full blocks, computed lazily
+    block_digests: list[bytes] = field(default_factory=list)  # digests of full blocks, computed lazily
     status: Status = Status.WAITING
     finish_reason: str | None = None
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until admitted
