@@ -34,7 +34,6 @@ class ModelConfig:
     qk_norm: bool  # Qwen3
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
-    bos_token_id: int | None
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "auto") -> "ModelConfig":
@@ -78,7 +77,7 @@ class ModelConfig:
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             qkv_bias=arch == "Qwen2ForCausalLM" or raw.get("attention_bias", False),
             qk_norm=arch == "Qwen3ForCausalLM",
-            dtype=torch_dtype, eos_token_ids=eos_ids, bos_token_id=raw.get("bos_token_id"),
+            dtype=torch_dtype, eos_token_ids=eos_ids,
         )
 
 

@@ -5,6 +5,7 @@ Used in-process by the offline `LLM` and inside each worker process by the serve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -23,16 +24,17 @@ def _top(entry) -> TopLogprobs | None:
 
 class EngineCore:
     def __init__(self, model_path, args: EngineArgs | None = None, worker_id: int = 0):
-        self.args = args = args or EngineArgs()
+        args = args or EngineArgs()
+        device = args.resolved_device()
+        if args.max_num_batched_tokens is None:  # a copy: the caller's arguments stay as they were
+            args = dataclasses.replace(args, max_num_batched_tokens=2048 if device.type == "cuda" else 512)
+        self.args = args
         self.worker_id = worker_id
         self.model_config = config = ModelConfig.load(model_path, args.dtype)
         self.max_model_len = args.max_model_len or config.max_position_embeddings
         if self.max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {config.max_position_embeddings}")
-        device = args.resolved_device()
-        if args.max_num_batched_tokens is None:
-            args.max_num_batched_tokens = 2048 if device.type == "cuda" else 512
         self.runner = ModelRunner(config, args, self.max_model_len)
         self.kv = KVBlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching,
                                  args.prefix_cache_hash_salt)
@@ -74,9 +76,6 @@ class EngineCore:
         self.requests_in += 1
         self.validate(req)
         s = req.sampling
-        # A request can never need more KV than the whole pool.
-        if self.kv.blocks_for(n := len(req.prompt_token_ids) + 1) > self.kv.num_blocks:
-            raise ValueError(f"prompt of {n - 1} tokens does not fit in the KV cache")
         self.scheduler.add(Request(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             max_tokens=s.max_tokens, arrival_time=req.arrival_time, min_tokens=s.min_tokens,
