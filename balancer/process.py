@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from engine.ipc import QueueSpec, ShmQueue
 from engine.worker import detach_from_terminal
@@ -88,12 +89,25 @@ class Balancer:
                 t.cancel()
 
 
-def balancer_main(policy_name: str, knobs: dict, seed: int, inbox: QueueSpec, outbox: QueueSpec,
-                  to_workers: list[QueueSpec], reports: list[QueueSpec], log_level: int = logging.INFO) -> None:
+@dataclass(frozen=True)
+class BalancerSpec:
+    """Everything the balancer process starts from (handed to the spawned child)."""
+    policy: str
+    knobs: dict
+    seed: int
+    inbox: QueueSpec  # ToBalancer, from the server
+    outbox: QueueSpec  # FromBalancer, to the server
+    to_workers: list[QueueSpec]  # ToWorker, one per worker
+    reports: list[QueueSpec]  # LoadReport, one per worker
+    log_level: int = logging.INFO
+
+
+def balancer_main(spec: BalancerSpec) -> None:
     detach_from_terminal("halffull-bal")
-    logging.basicConfig(level=log_level, format="%(asctime)s balancer %(levelname)s %(message)s")
+    logging.basicConfig(level=spec.log_level, format="%(asctime)s balancer %(levelname)s %(message)s")
     import uvloop
-    balancer = Balancer(make_balancer(policy_name, knobs, seed), ShmQueue.attach(inbox, ToBalancer),
-                        ShmQueue.attach(outbox, FromBalancer), [ShmQueue.attach(s, ToWorker) for s in to_workers],
-                        [ShmQueue.attach(s, LoadReport) for s in reports])
+    balancer = Balancer(make_balancer(spec.policy, spec.knobs, spec.seed), ShmQueue.attach(spec.inbox, ToBalancer),
+                        ShmQueue.attach(spec.outbox, FromBalancer),
+                        [ShmQueue.attach(s, ToWorker) for s in spec.to_workers],
+                        [ShmQueue.attach(s, LoadReport) for s in spec.reports])
     uvloop.run(balancer.run())

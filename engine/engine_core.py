@@ -55,39 +55,39 @@ class EngineCore:
                  self.runner.backend.name, self.kv.num_blocks, args.block_size, args.scheduler)
 
     # ---- requests -----------------------------------------------------------------------------
-    def validate(self, req: GenerateRequest) -> None:
-        n = len(req.prompt_token_ids)
+    def validate(self, message: GenerateRequest) -> None:
+        n = len(message.prompt_token_ids)
         if n == 0:
             raise ValueError("prompt is empty")
         if n >= self.max_model_len:
             raise ValueError(f"prompt has {n} tokens, but this model's maximum context length is "
                              f"{self.max_model_len} (prompt plus at least one generated token)")
         vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
+        if any(t < 0 or t >= vocab for t in message.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(t < 0 or t >= vocab for t in req.sampling.stop_token_ids):  # the sampler indexes logits with them
+        if any(t < 0 or t >= vocab for t in message.sampling.stop_token_ids):  # the sampler indexes logits with them
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
-        if req.request_id in self.scheduler.requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
-        req.sampling.validate()
+        if message.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {message.request_id!r} is already in use")
+        message.sampling.validate()
 
-    def add_request(self, req: GenerateRequest) -> None:
+    def add_request(self, message: GenerateRequest) -> None:
         # Counted even when refused: the balancer reconciles what it sent against this number.
         self.requests_in += 1
-        self.validate(req)
-        s = req.sampling
+        self.validate(message)
+        s = message.sampling
         self.scheduler.add(Request(
-            request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
-            max_tokens=s.max_tokens, arrival_time=req.arrival_time, min_tokens=s.min_tokens,
-            ignore_eos=s.ignore_eos, stop_token_ids=frozenset(s.stop_token_ids), priority=req.priority,
-            ttft_slo_s=None if req.slo.ttft_ms is None else req.slo.ttft_ms / 1000,
-            tbt_slo_s=None if req.slo.tbt_ms is None else req.slo.tbt_ms / 1000,
+            request_id=message.request_id, prompt_token_ids=list(message.prompt_token_ids),
+            max_tokens=s.max_tokens, arrival_time=message.arrival_time, min_tokens=s.min_tokens,
+            ignore_eos=s.ignore_eos, stop_token_ids=frozenset(s.stop_token_ids), priority=message.priority,
+            ttft_slo_s=None if message.slo.ttft_ms is None else message.slo.ttft_ms / 1000,
+            tbt_slo_s=None if message.slo.tbt_ms is None else message.slo.tbt_ms / 1000,
             payload=s))
 
     def abort(self, request_id: str) -> TokenOutput | None:
         self.prompt_logprobs.pop(request_id, None)
-        req = self.scheduler.abort(request_id)
-        return None if req is None else TokenOutput(request_id, [], finish_reason="abort")
+        request = self.scheduler.abort(request_id)
+        return None if request is None else TokenOutput(request_id, [], finish_reason="abort")
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -110,18 +110,20 @@ class EngineCore:
         touched = set(map(id, self.scheduler.update(plan, [r.token for r in results], done, elapsed)))
         outputs = []
         for chunk, res in zip(plan.chunks, results):
-            req = chunk.request
-            if id(req) not in touched:
+            request = chunk.request
+            if id(request) not in touched:
                 continue
-            new = [] if res.token is None or req.max_tokens == 0 else [res.token]
-            out = TokenOutput(req.request_id, new,
+            new = [] if res.token is None or request.max_tokens == 0 else [res.token]
+            out = TokenOutput(request.request_id, new,
                               logprobs=[_top(res.logprobs)] if res.logprobs and new else None,
-                              finish_reason=req.finish_reason, num_cached_tokens=max(req.num_cached_tokens, 0))
-            if req.request_id in self.prompt_logprobs and chunk.start + chunk.num_tokens >= req.num_prompt_tokens:
-                out.prompt_logprobs = [_top(e) for e in self.prompt_logprobs.pop(req.request_id)]
-            if req.num_output_tokens <= 1 or req.finish_reason:
-                out.timings = RequestTimings(queue_s=(req.first_scheduled_time or done) - req.arrival_time,
-                                             num_preemptions=req.num_preemptions)
+                              finish_reason=request.finish_reason,
+                              num_cached_tokens=max(request.num_cached_tokens, 0))
+            if (request.request_id in self.prompt_logprobs
+                    and chunk.start + chunk.num_tokens >= request.num_prompt_tokens):
+                out.prompt_logprobs = [_top(e) for e in self.prompt_logprobs.pop(request.request_id)]
+            if request.num_output_tokens <= 1 or request.finish_reason:
+                out.timings = RequestTimings(queue_s=(request.first_scheduled_time or done) - request.arrival_time,
+                                             num_preemptions=request.num_preemptions)
             outputs.append(out)
         return outputs
 

@@ -49,19 +49,20 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         # Validate everything before submitting anything, so a bad prompt leaves no work behind.
-        requests = []
+        messages = []
         for prompt, p in zip(prompts, params):
-            req = GenerateRequest(f"offline-{next(self._ids)}", self.encode(prompt), p, time.monotonic())
-            self.engine.validate(req)
-            requests.append(req)
+            message = GenerateRequest(f"offline-{next(self._ids)}", self.encode(prompt), p, time.monotonic())
+            self.engine.validate(message)
+            messages.append(message)
         results: dict[str, RequestOutput] = {}
         detok: dict[str, IncrementalDetokenizer] = {}
-        for req in requests:
-            self.engine.add_request(req)
-            results[req.request_id] = RequestOutput(req.request_id, req.prompt_token_ids)
+        for message in messages:
+            self.engine.add_request(message)
+            results[message.request_id] = RequestOutput(message.request_id, message.prompt_token_ids)
             if self.tokenizer is not None:
-                detok[req.request_id] = IncrementalDetokenizer(
-                    self.tokenizer, req.prompt_token_ids, req.sampling.skip_special_tokens, req.sampling.stop)
+                detok[message.request_id] = IncrementalDetokenizer(
+                    self.tokenizer, message.prompt_token_ids, message.sampling.skip_special_tokens,
+                    message.sampling.stop)
         pending = set(results)
         while pending:
             for out in self.engine.step():
@@ -81,4 +82,4 @@ class LLM:
                 if out.finish_reason is not None:
                     res.finish_reason = out.finish_reason
                     pending.discard(out.request_id)
-        return [results[r.request_id] for r in requests]
+        return [results[r.request_id] for r in messages]

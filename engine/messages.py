@@ -145,15 +145,16 @@ class LoadReport(msgspec.Struct, tag=True):
     incarnation: int = 0  # which start of this worker sent it; stale reports are dropped
 
 
-class WorkerReady(msgspec.Struct, tag=True):
+class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
+    """Worker to server: the model is loaded (or, with `error`, could not be: then the engine's fields are unset)."""
     worker_id: int
     incarnation: int
-    num_kv_blocks: int
-    block_size: int
-    max_model_len: int
-    device: str
-    attention_backend: str
     model: str
+    num_kv_blocks: int = 0
+    block_size: int = 0
+    max_model_len: int = 0
+    device: str = ""
+    attention_backend: str = ""
     error: str | None = None  # the worker could not start: why
 
 

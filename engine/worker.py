@@ -11,33 +11,55 @@ import logging
 import os
 import queue
 import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .ipc import QueueSpec, ShmQueue
 from .messages import (Abort, FromWorker, GenerateRequest, LoadReport, Shutdown, StepOutputs, ToWorker,
                        TokenOutput, WorkerFailed, WorkerReady)
 
+if TYPE_CHECKING:  # importing it would import torch into the balancer, which imports this module
+    from .config import EngineArgs
+
 log = logging.getLogger(__name__)
 
 
-def worker_main(worker_id: int, incarnation: int, model_path: str, engine_args, threads: int,
-                inbox: QueueSpec, outbox: QueueSpec, reports: QueueSpec, log_level: int = logging.INFO) -> None:
-    detach_from_terminal(f"halffull-w{worker_id}")
-    logging.basicConfig(level=log_level, format=f"%(asctime)s worker{worker_id} %(levelname)s %(message)s")
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process starts from (handed to the spawned child)."""
+    worker_id: int
+    incarnation: int  # which start of this worker: messages from an earlier one are stale
+    model_path: str
+    engine_args: EngineArgs
+    threads: int  # torch intra-op threads
+    inbox: QueueSpec  # ToWorker, from the balancer
+    outbox: QueueSpec  # FromWorker, to the server
+    reports: QueueSpec  # LoadReport, to the balancer
+    log_level: int = logging.INFO
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    detach_from_terminal(f"halffull-w{spec.worker_id}")
+    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.worker_id} %(levelname)s %(message)s")
     import torch
-    torch.set_num_threads(threads)
+    torch.set_num_threads(spec.threads)
     from .engine_core import EngineCore
 
-    inq = ShmQueue.attach(inbox, ToWorker)
-    outq = ShmQueue.attach(outbox, FromWorker)
-    reportq = ShmQueue.attach(reports, LoadReport)
+    inq = ShmQueue.attach(spec.inbox, ToWorker)
+    outq = ShmQueue.attach(spec.outbox, FromWorker)
+    reportq = ShmQueue.attach(spec.reports, LoadReport)
+    ready = WorkerReady(worker_id=spec.worker_id, incarnation=spec.incarnation, model=spec.model_path)
     try:
-        engine = EngineCore(model_path, engine_args, worker_id)
+        engine = EngineCore(spec.model_path, spec.engine_args, spec.worker_id)
     except Exception as e:  # noqa: BLE001 - reported to the server, which exits with it
-        outq.put(WorkerReady(worker_id, incarnation, 0, 0, 0, "", "", str(model_path), error=f"{type(e).__name__}: {e}"))
+        ready.error = f"{type(e).__name__}: {e}"
+        outq.put(ready)
         return
-    outq.put(WorkerReady(worker_id, incarnation, engine.kv.num_blocks, engine_args.block_size, engine.max_model_len,
-                         str(engine.runner.device), engine.runner.backend.name, str(model_path)))
-    Worker(worker_id, incarnation, engine, inq, outq, reportq).run()
+    ready.num_kv_blocks, ready.block_size, ready.max_model_len = (engine.kv.num_blocks, engine.kv.block_size,
+                                                                  engine.max_model_len)
+    ready.device, ready.attention_backend = str(engine.runner.device), engine.runner.backend.name
+    outq.put(ready)
+    Worker(spec.worker_id, spec.incarnation, engine, inq, outq, reportq).run()
 
 
 class Worker:
