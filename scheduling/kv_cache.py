@@ -92,7 +92,8 @@ class KVBlockManager:
         for i, digest in enumerate(self._full_block_digests(request)[:max_blocks]):
             block = self.cached.get(digest)
             parent = hit[-1] if hit else -1
-            if block is None or self.block_content[block] != self._content(parent, request.token_ids[i * bs:(i + 1) * bs]):
+            tokens = request.token_ids[i * bs:(i + 1) * bs]
+            if block is None or self.block_content[block] != self._content(parent, tokens):
                 break
             hit.append(block)
         self.num_prefix_hits += len(hit) * bs

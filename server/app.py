@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-import uuid
 from dataclasses import dataclass
 
 import msgspec
@@ -20,6 +19,7 @@ from engine.messages import SLO
 
 from .generation import Choice, ChoiceResult
 from .metrics import Metrics
+from .middleware import current_request_id
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
                        TokenizeRequest, sampling_params)
 
@@ -333,7 +333,7 @@ async def completions(request: Request) -> Response:
         resolve_max_tokens(app, len(ids), req.max_tokens)
     choices = await start_choices(app, prompts, req, lambda n: resolve_max_tokens(app, n, req.max_tokens),
                                   req.logprobs, req.logprobs if req.echo and req.logprobs is not None else None)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    rid, created = f"cmpl-{current_request_id()}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": app.config.served_model_name}
 
     def prompt_of(i: int) -> list[int]:
@@ -415,7 +415,7 @@ async def chat_completions(request: Request) -> Response:
     check_capacity(app)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     choices = await start_choices(app, [prompt], req, lambda n: resolve_max_tokens(app, n, requested), logprobs)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    rid, created = f"chatcmpl-{current_request_id()}", int(time.time())
     name = app.config.served_model_name
     if not req.stream:
         results = await run_all(request, choices)

@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per worker (overrides the size)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--prefix-cache-hash-salt", default="",
-                   help="secret mixed into the prefix cache's block digests, so they cannot be predicted")
+                   help="a secret mixed into the prefix cache's block digests, so they cannot be predicted")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash-attn", "torch-flash", "triton", "torch"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
@@ -47,11 +47,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--allowed-origins", type=json_list, default=None,
+                   help="""CORS: allowed origins as a JSON list (e.g. '["https://a.example"]'); off without it""")
+    p.add_argument("--allowed-methods", type=json_list, default=["*"], help="CORS: allowed methods as a JSON list")
+    p.add_argument("--allowed-headers", type=json_list, default=["*"], help="CORS: allowed headers as a JSON list")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info")
     add_knob_flags(p, SCHEDULERS)
     add_knob_flags(p, BALANCERS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cors_flags = [f for f, given in (("--allowed-methods", args.allowed_methods != ["*"]),
+                                     ("--allowed-headers", args.allowed_headers != ["*"]),
+                                     ("--allow-credentials", args.allow_credentials)) if given]
+    if args.allowed_origins is None and cors_flags:
+        p.error(f"{', '.join(cors_flags)} without --allowed-origins: CORS is off unless origins are given")
+    return args
+
+
+def json_list(text: str) -> list[str]:
+    """A flag's JSON list of strings, as vLLM takes its CORS flags."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
+    return value
 
 
 def worker_devices(args) -> list[str]:
@@ -79,6 +101,7 @@ def main(argv=None) -> None:
 
     from .app import AppState, ServerConfig, build_app
     from .engine_client import EngineClient
+    from .middleware import CorsConfig, add_middleware
 
     model_path = Path(args.model) if args.model else ensure_demo_model()
     if not (model_path / "config.json").is_file():
@@ -119,6 +142,8 @@ def main(argv=None) -> None:
             log.info("shut down cleanly")
 
     app = build_app(lifespan)
+    add_middleware(app, None if args.allowed_origins is None else CorsConfig(
+        args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials))
 
     def stop_accepting():
         if app.state.halffull is not None:

@@ -13,17 +13,22 @@ import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 
-from balancer.process import balancer_main
+from balancer.process import BalancerSpec, balancer_main
 from engine.ipc import ShmQueue, remove_orphaned_segments
 from engine.messages import (Abort, FromBalancer, FromWorker, GenerateRequest, LoadReport, Routed, RouteFailed,
                              SamplingParams, Shutdown, SLO, StepOutputs, ToBalancer, ToWorker, TokenOutput,
                              WorkerDown, WorkerFailed, WorkerReady, WorkerUp)
-from engine.worker import cpu_threads_per_worker, worker_main
+from engine.worker import WorkerSpec, cpu_threads_per_worker, worker_main
 from scheduling import SchedulerStats
 
 log = logging.getLogger("server")
 
 QUEUE_BYTES = 8 << 20
+
+
+def crash_loop_delay_s(restarts: int) -> float:
+    """How long to wait before restarting a process that keeps dying: 0.5 s, doubling per restart, at most 30 s."""
+    return min(0.5 * 2 ** restarts, 30.0)
 
 
 @dataclass
@@ -64,7 +69,9 @@ class EngineClient:
         self.from_balancer = ShmQueue.create(QUEUE_BYTES, FromBalancer)
         self.workers = [WorkerSlot(i, ShmQueue.create(QUEUE_BYTES, ToWorker), ShmQueue.create(QUEUE_BYTES, FromWorker),
                                    ShmQueue.create(1 << 20, LoadReport)) for i in range(num_workers)]
-        self.balancer_args = (balancer, balancer_knobs, seed)
+        self.balancer_spec = BalancerSpec(balancer, balancer_knobs, seed, self.to_balancer.spec,
+                                          self.from_balancer.spec, [w.to_worker.spec for w in self.workers],
+                                          [w.reports.spec for w in self.workers], log_level)
         self.balancer_proc: mp.Process | None = None
         self.balancer_started = 0.0
         self.balancer_restarts = 0
@@ -96,21 +103,19 @@ class EngineClient:
         return ready
 
     def _spawn_balancer(self) -> None:
-        name, knobs, seed = self.balancer_args
-        self.balancer_proc = self.ctx.Process(
-            target=balancer_main, name="halffull-balancer", daemon=True,
-            args=(name, knobs, seed, self.to_balancer.spec, self.from_balancer.spec,
-                  [w.to_worker.spec for w in self.workers], [w.reports.spec for w in self.workers], self.log_level))
+        self.balancer_proc = self.ctx.Process(target=balancer_main, name="halffull-balancer", daemon=True,
+                                              args=(self.balancer_spec,))
         self.balancer_proc.start()
         self.balancer_started = time.monotonic()
 
     def _spawn(self, w: WorkerSlot) -> None:
         w.incarnation += 1
-        w.process = self.ctx.Process(
-            target=worker_main, name=f"halffull-worker{w.worker_id}", daemon=True,
-            args=(w.worker_id, w.incarnation, str(self.model_path),
-                  dataclasses.replace(self.engine_args, device=self.devices[w.worker_id]), self.threads,
-                  w.to_worker.spec, w.from_worker.spec, w.reports.spec, self.log_level))
+        spec = WorkerSpec(worker_id=w.worker_id, incarnation=w.incarnation, model_path=str(self.model_path),
+                          engine_args=dataclasses.replace(self.engine_args, device=self.devices[w.worker_id]),
+                          threads=self.threads, inbox=w.to_worker.spec, outbox=w.from_worker.spec,
+                          reports=w.reports.spec, log_level=self.log_level)
+        w.process = self.ctx.Process(target=worker_main, name=f"halffull-worker{w.worker_id}", daemon=True,
+                                     args=(spec,))
         w.process.start()
 
     async def _await_ready(self, w: WorkerSlot) -> WorkerReady:
@@ -124,7 +129,7 @@ class EngineClient:
                 await asyncio.wait([get, died], return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():
                     get.cancel()
-                    return WorkerReady(w.worker_id, w.incarnation, 0, 0, 0, "", "", str(self.model_path),
+                    return WorkerReady(worker_id=w.worker_id, incarnation=w.incarnation, model=str(self.model_path),
                                        error=f"worker {w.worker_id} exited with code {w.process.exitcode} "
                                              "before it was ready (see its log above)")
                 msg = get.result()
@@ -198,8 +203,8 @@ class EngineClient:
 
     # ---- requests -------------------------------------------------------------------------------
     async def submit(self, prompt_token_ids: list[int], sampling: SamplingParams, priority: int = 0,
-                     slo: SLO = SLO(), request_id: str | None = None) -> RequestState:
-        request_id = request_id or f"req-{next(self.ids)}"
+                     slo: SLO = SLO(), id_prefix: str = "req") -> RequestState:
+        request_id = f"{id_prefix}-{next(self.ids)}"  # unique in this server even where prefixes repeat
         state = RequestState(request_id)
         self.requests[request_id] = state
         try:
@@ -297,7 +302,7 @@ class EngineClient:
             self._fail_worker_requests(w)  # those routed to it before the balancer knew
             w.to_worker.drain()  # their messages; the new worker must not run them
         else:  # it died again before it was ready: back off
-            await asyncio.sleep(min(0.5 * 2 ** w.restarts, 30.0))
+            await asyncio.sleep(crash_loop_delay_s(w.restarts))
         w.restarts += 1
         await asyncio.to_thread(w.process.join, 1.0)  # reap it: its fds close a moment before it can be
         log.info("worker %d had exit code %s", w.worker_id, w.process.exitcode)
@@ -335,8 +340,8 @@ class EngineClient:
         dead = self.balancer_proc
         await asyncio.to_thread(dead.join, 1.0)  # reap it: its fds close a moment before it can be
         log.error("the balancer process (pid %d) died with exit code %s; restarting it", dead.pid, dead.exitcode)
-        if time.monotonic() - self.balancer_started < 10.0:  # back off a crash loop
-            await asyncio.sleep(min(0.5 * 2 ** self.balancer_restarts, 30.0))
+        if time.monotonic() - self.balancer_started < 10.0:  # it died soon after its start: back off
+            await asyncio.sleep(crash_loop_delay_s(self.balancer_restarts))
         if self.closing:
             return
         self._spawn_balancer()

@@ -3,13 +3,17 @@ stop strings (which abort the request on its worker), logprobs, timing for the m
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.messages import SLO, SamplingParams, TopLogprobs
 
+from .middleware import current_request_id
 from .protocol import APIError
+
+log = logging.getLogger("server.requests")
 
 
 @dataclass
@@ -38,19 +42,23 @@ class Choice:
         self.result = ChoiceResult()
         self.detok = IncrementalDetokenizer(app_state.tokenizer, prompt_ids, params.skip_special_tokens, params.stop)
         self.state = None
+        self.http_request_id = current_request_id()
 
     async def start(self) -> None:
         self.started = time.monotonic()
-        self.state = await self.app.client.submit(self.prompt_ids, self.params, self.priority, self.slo)
+        self.state = await self.app.client.submit(self.prompt_ids, self.params, self.priority, self.slo,
+                                                  id_prefix=self.http_request_id)
 
     async def deltas(self):
         """Yield Deltas until the choice finishes; raise APIError if the engine refused or lost it."""
         first = None
         queue_s, preemptions = None, 0
+        error = None
         try:
             while True:
                 out = await self.state.outputs.get()
                 if out.error:
+                    error = out.error
                     raise APIError(out.error, status=out.status or 500,
                                    type="invalid_request_error" if out.status == 400 else "server_error")
                 if out.timings is not None:
@@ -79,6 +87,17 @@ class Choice:
                     return
         finally:
             await self.abort()  # the client went away mid-stream; a no-op once finished
+            self.log_finished(first, preemptions, error)
+
+    def log_finished(self, first: float | None, preemptions: int, error: str | None) -> None:
+        """One line per finished choice: what the request id, the response's id and the engine's id share."""
+        r = self.result
+        reason = r.finish_reason or ("error" if error else "abort (client gone)")
+        ttft = "-" if first is None else f"{(first - self.started) * 1e3:.1f}ms"
+        log.info("request %s finished: engine id %s, worker %d, prompt %d tokens (%d cached), output %d tokens, "
+                 "ttft %s, e2e %.1fms, finish %s, preemptions %d%s", self.http_request_id, self.state.request_id,
+                 self.state.worker_id, len(self.prompt_ids), r.num_cached_tokens, len(r.token_ids), ttft,
+                 (time.monotonic() - self.started) * 1e3, reason, preemptions, f", error: {error}" if error else "")
 
     async def abort(self) -> None:
         if self.state is not None:
