@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -48,15 +49,23 @@ def test_unseeded_sampling_varies_and_top_k_1_is_greedy(llm):
     assert greedy == top1 == tiny_p
 
 
-def test_repetition_penalty_changes_greedy_output(llm):
-    plain = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].token_ids
-    penalized = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
-                                                      repetition_penalty=50.0))[0].token_ids
-    assert len(set(penalized)) == len(penalized)  # a huge penalty forbids any repeat
-    assert penalized != plain or len(set(plain)) == len(plain)
-    freq = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
-                                                 frequency_penalty=2.0, presence_penalty=2.0))[0].token_ids
-    assert len(set(freq)) >= len(set(plain))
+def test_each_penalty_breaks_a_greedy_loop(llm):
+    """Shown to fail with each penalty switched off in `apply_penalties` (engine/sampler.py) in turn: the
+    repetition penalty's branch skipped, the frequency/presence branch skipped, the presence term dropped."""
+    rng = random.Random(0)
+    candidates = [[rng.randrange(3, 512) for _ in range(8)] for _ in range(32)]
+    plain = llm.generate(candidates, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    # From some prompts the tiny random model falls into a loop: there a penalty must change the output.
+    looping = [(prompt, out.token_ids) for prompt, out in zip(candidates, plain)
+               if len(set(out.token_ids)) < len(out.token_ids)]
+    assert len(looping) >= 2, "too few looping prompts: the test would prove nothing"
+    for prompt, loop in looping[:2]:
+        for penalty in (dict(repetition_penalty=50.0), dict(frequency_penalty=2.0), dict(presence_penalty=2.0)):
+            out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                                        **penalty))[0].token_ids
+            assert out != loop and len(set(out)) == len(out), penalty
+            if "repetition_penalty" in penalty:  # it also counts the prompt's tokens (as vLLM does)
+                assert not set(out) & set(prompt)
 
 
 def test_stop_token_ids_min_tokens_and_eos(llm):
