@@ -53,3 +53,13 @@ def build_tiny_model(arch: str, path: Path, vocab_size: int = 512, tie: bool = F
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {arch: build_tiny_model(arch, root / arch) for arch in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+@pytest.fixture
+def conv_trace() -> Path:
+    """The shared Azure conversation trace. CI lays ../shared beside the repo, so a test that needs it fails
+    without it (shown by pointing the path at a missing file) rather than skipping unnoticed."""
+    from server_utils import CONV_TRACE
+    if not CONV_TRACE.exists():
+        pytest.fail(f"{CONV_TRACE} is missing: this test needs the shared traces beside the repo (see README)")
+    return CONV_TRACE

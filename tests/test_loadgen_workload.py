@@ -12,7 +12,7 @@ from loadgen.workload import (
 )
 from server_utils import CONV_TRACE
 
-needs_trace = pytest.mark.skipif(not CONV_TRACE.exists(), reason="Azure conv trace not present")
+needs_trace = pytest.mark.usefixtures("conv_trace")
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -16,15 +16,7 @@ from scheduling import SCHEDULERS, StepPlan
 from scheduling.policies.fcfs import FCFS
 from server_utils import CONV_TRACE
 
-
-
-@pytest.fixture(autouse=True)
-def conv_trace_present():
-    """CI lays the shared data beside the repo: without it these tests fail (shown by pointing CONV_TRACE at a
-    missing file) rather than skip unnoticed."""
-    if not CONV_TRACE.exists():
-        pytest.fail(f"{CONV_TRACE} is missing: the simulator tests need the shared traces beside the repo "
-                    "(see README, Tests)")
+pytestmark = pytest.mark.usefixtures("conv_trace")
 
 
 def run(tmp_path: Path, *argv: str, name: str = "run") -> dict:
