@@ -24,6 +24,17 @@ def compute(kv: KVBlockManager, r: Request, n: int | None = None) -> None:
     kv.cache_full_blocks(r)
 
 
+def computed_and_freed(kv: KVBlockManager, *prompts: range) -> list[list[int]]:
+    """Run each prompt to completion, then free them in order; their blocks, in request order."""
+    requests = [request(f"r{i}", p) for i, p in enumerate(prompts)]
+    for r in requests:
+        compute(kv, r)
+    blocks = [list(r.block_ids) for r in requests]
+    for r in requests:
+        kv.free_request(r)
+    return blocks
+
+
 def invariants(kv: KVBlockManager, *live: Request) -> None:
     """Reference counts are exactly the live requests' holdings, and a block is free iff nobody holds it."""
     held = [0] * kv.num_blocks
@@ -82,13 +93,7 @@ def test_prefix_hits_across_requests_share_blocks_with_ref_counts():
 
 def test_lru_eviction_takes_the_least_recently_freed_and_suffixes_before_prefixes():
     kv = KVBlockManager(6, BS)
-    a = request("a", range(0, 12))
-    b = request("b", range(100, 112))
-    compute(kv, a)
-    compute(kv, b)
-    a_blocks, b_blocks = list(a.block_ids), list(b.block_ids)
-    kv.free_request(a)
-    kv.free_request(b)
+    a_blocks, b_blocks = computed_and_freed(kv, range(0, 12), range(100, 112))
     assert list(kv.free) == a_blocks[::-1] + b_blocks[::-1]  # a first (freed first), each tail first
     c = request("c", range(200, 208))  # two fresh blocks: a's tail and middle go, a's first block stays
     compute(kv, c)
@@ -101,13 +106,7 @@ def test_lru_eviction_takes_the_least_recently_freed_and_suffixes_before_prefixe
 
 def test_hit_moves_a_block_out_of_the_eviction_order_and_back_to_its_end():
     kv = KVBlockManager(4, BS)
-    a = request("a", range(0, 8))
-    b = request("b", range(50, 58))
-    compute(kv, a)
-    compute(kv, b)
-    first_a = a.block_ids[0]
-    kv.free_request(a)
-    kv.free_request(b)
+    [first_a, _], _ = computed_and_freed(kv, range(0, 8), range(50, 58))
     again = request("again", list(range(0, 4)) + [9])  # reuses a's first block, then frees it
     assert kv.claim_cached_prefix(again) == 4 and kv.ref_counts[first_a] == 1 and first_a not in kv.free
     kv.free_request(again)
