@@ -48,17 +48,15 @@ def worker_main(spec: WorkerSpec) -> None:
     inq = ShmQueue.attach(spec.inbox, ToWorker)
     outq = ShmQueue.attach(spec.outbox, FromWorker)
     reportq = ShmQueue.attach(spec.reports, LoadReport)
-    ready = WorkerReady(worker_id=spec.worker_id, incarnation=spec.incarnation, model=spec.model_path)
+    which = dict(worker_id=spec.worker_id, incarnation=spec.incarnation, model=spec.model_path)
     try:
         engine = EngineCore(spec.model_path, spec.engine_args, spec.worker_id)
     except Exception as e:  # noqa: BLE001 - reported to the server, which exits with it
-        ready.error = f"{type(e).__name__}: {e}"
-        outq.put(ready)
+        outq.put(WorkerReady(**which, error=f"{type(e).__name__}: {e}"))
         return
-    ready.num_kv_blocks, ready.block_size, ready.max_model_len = (engine.kv.num_blocks, engine.kv.block_size,
-                                                                  engine.max_model_len)
-    ready.device, ready.attention_backend = str(engine.runner.device), engine.runner.backend.name
-    outq.put(ready)
+    outq.put(WorkerReady(**which, num_kv_blocks=engine.kv.num_blocks, block_size=engine.kv.block_size,
+                         max_model_len=engine.max_model_len, device=str(engine.runner.device),
+                         attention_backend=engine.runner.backend.name))
     Worker(spec.worker_id, spec.incarnation, engine, inq, outq, reportq).run()
 
 

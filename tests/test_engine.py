@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -149,3 +150,13 @@ def test_text_prompts_and_stop_strings_with_demo_model():
     cut = llm.generate("hello there", SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[stop]))[0]
     assert cut.finish_reason == "stop" and cut.text == out.text[:out.text.index(stop)]
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_engine_leaves_the_callers_arguments_alone(tiny_models):
+    """Shown to fail with EngineCore setting the default batch budget on the caller's EngineArgs again."""
+    from engine.config import EngineArgs
+    from engine.engine_core import EngineCore
+    args = EngineArgs(dtype="float32", num_kv_blocks=16)
+    before = dataclasses.replace(args)
+    engine = EngineCore(str(tiny_models["llama"]), args)
+    assert args == before and engine.args.max_num_batched_tokens == 512  # the CPU default, on its own copy
