@@ -21,7 +21,8 @@ from .request import Request
 
 
 def block_digest(parent: bytes, tokens: list[int]) -> bytes:
-    """Digest of a full block: its tokens (as 64-bit ints, so no two token lists share bytes) after its parent's."""
+    """Digest of a full block: its parent's digest, then its tokens as fixed-width 64-bit ints (any token id
+    fits, and no two token lists give the same bytes)."""
     return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
@@ -34,8 +35,9 @@ class KVBlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.root_digest = hashlib.sha256(b"halffull prefix cache\0" + hash_salt.encode()).digest()
         self.ref_counts = [0] * num_blocks
-        # A cached block's digest and what it holds: (parent block or -1, the parent's fill count, tokens).
-        self.block_digest: list[bytes | None] = [None] * num_blocks
+        # Per block, while it is cached: its digest, and what it holds (parent block or -1, the parent's fill
+        # count when this block was cached, tokens).
+        self.cached_digest: list[bytes | None] = [None] * num_blocks
         self.block_content: list[tuple[int, int, tuple[int, ...]] | None] = [None] * num_blocks
         # How many times each block has been handed out fresh: a child cached under one filling of its
         # parent must not match under a later one.
@@ -72,7 +74,8 @@ class KVBlockManager:
         tokens = request.token_ids
         while (len(digests) + 1) * bs <= len(tokens):
             i = len(digests)
-            digests.append(block_digest(digests[-1] if digests else self.root_digest, tokens[i * bs:(i + 1) * bs]))
+            parent = digests[-1] if digests else self.root_digest
+            digests.append(block_digest(parent, tokens[i * bs:(i + 1) * bs]))
         return digests
 
     def _content(self, parent: int, tokens: list[int]) -> tuple[int, int, tuple[int, ...]]:
@@ -111,11 +114,11 @@ class KVBlockManager:
         digests = self._full_block_digests(request)
         for i in range(request.num_computed_tokens // bs):
             block = request.block_ids[i]
-            if self.block_digest[block] is not None:
+            if self.cached_digest[block] is not None:
                 continue
             if digests[i] in self.cached:  # the same content computed twice concurrently: keep the first
                 continue
-            self.block_digest[block] = digests[i]
+            self.cached_digest[block] = digests[i]
             self.block_content[block] = self._content(request.block_ids[i - 1] if i else -1,
                                                       request.token_ids[i * bs:(i + 1) * bs])
             self.cached[digests[i]] = block
@@ -128,10 +131,10 @@ class KVBlockManager:
 
     def _take_free_block(self) -> int:
         block, _ = self.free.popitem(last=False)
-        digest = self.block_digest[block]
+        digest = self.cached_digest[block]
         if digest is not None:  # evict its cached contents
             del self.cached[digest]
-            self.block_digest[block] = self.block_content[block] = None
+            self.cached_digest[block] = self.block_content[block] = None
         self.fills[block] += 1
         self.ref_counts[block] = 1
         return block

@@ -86,13 +86,13 @@ class Choice:
                 if finish is not None:
                     return
         finally:
-            await self.abort()  # the client went away mid-stream; a no-op once finished
             self.log_finished(first, preemptions, error)
+            await self.abort()  # the client went away mid-stream; a no-op once finished
 
     def log_finished(self, first: float | None, preemptions: int, error: str | None) -> None:
         """One line per finished choice: what the request id, the response's id and the engine's id share."""
         r = self.result
-        reason = r.finish_reason or ("error" if error else "abort (client gone)")
+        reason = r.finish_reason or ("error" if error else "abort")  # abort: the client went away
         ttft = "-" if first is None else f"{(first - self.started) * 1e3:.1f}ms"
         log.info("request %s finished: engine id %s, worker %d, prompt %d tokens (%d cached), output %d tokens, "
                  "ttft %s, e2e %.1fms, finish %s, preemptions %d%s", self.http_request_id, self.state.request_id,
