@@ -100,6 +100,7 @@ class EngineArgs:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
+    tensor_parallel_size: int = 1  # ranks (processes, GPUs) per worker, each holding a shard of the model
     seed: int = 0
 
     def resolved_device(self) -> torch.device:

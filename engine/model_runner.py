@@ -18,6 +18,7 @@ from .attention import AttentionMetadata, make_backend
 from .config import EngineArgs, ModelConfig
 from .messages import SamplingParams
 from .models.loader import load_model
+from .parallel import TPGroup, check_shardable, start_group
 from .sampler import SamplingBatch, SamplingRow, prompt_logprobs, sample
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,18 @@ def retain_freed_memory() -> None:
 
 
 @dataclass
+class StepInputs:
+    """What every tensor-parallel rank needs for one step's forward pass (host lists, broadcast by rank 0)."""
+    tokens: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    tables: list[list[int]]
+    logit_rows: list[list[int]]  # flat token indices whose logits are needed: the sampled rows, then each scored chunk's
+
+
+@dataclass
 class ChunkResult:
     token: int | None = None
     logprobs: tuple | None = None  # (logprob, top ids, top logprobs) of the sampled token
@@ -52,21 +65,36 @@ class ChunkResult:
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, args: EngineArgs, max_model_len: int):
+    """On a tensor-parallel group, rank 0's runner (`group` None: it starts the group) runs `execute`; the
+    other ranks' runners run `forward` on the inputs rank 0 broadcasts."""
+
+    def __init__(self, config: ModelConfig, args: EngineArgs, max_model_len: int, group: TPGroup | None = None):
         self.config = config
         self.args = args
         self.device = args.resolved_device()
         if self.device.type == "cpu":
             retain_freed_memory()
+        if group is None and args.tensor_parallel_size > 1:
+            check_shardable(config, args.tensor_parallel_size)
+            group = start_group(config.path, args, max_model_len)
+        self.group = group or TPGroup()
+        try:
+            self._load(config, args, max_model_len)
+        except BaseException:
+            self.group.close(kill=True)  # the other ranks may wait in a collective this rank never reaches
+            raise
+
+    def _load(self, config: ModelConfig, args: EngineArgs, max_model_len: int) -> None:
         self.block_size = args.block_size
         self.backend = make_backend(args.attention_backend, self.device, args.block_size)
         torch.manual_seed(args.seed)
         self.model = load_model(config, self.backend, self.device, max_model_len,
-                                random_weights=args.load_format == "dummy")
-        self.num_blocks = self._num_kv_blocks()
+                                random_weights=args.load_format == "dummy", tp=self.group)
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
+        self.num_blocks = self.group.min(self._num_kv_blocks())  # every rank holds the same blocks
         # One block more than the KV manager hands out: a scratch block that padded rows of a
         # CUDA-graph batch write into, so no real block is ever touched by padding.
-        shape = (self.num_blocks + 1, self.block_size, config.num_kv_heads, config.head_dim)
+        shape = (self.num_blocks + 1, self.block_size, self.num_kv_heads, config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=config.dtype, device=self.device),
                            torch.zeros(shape, dtype=config.dtype, device=self.device))
                           for _ in range(config.num_layers)]
@@ -79,7 +107,7 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         c = self.config
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * c.dtype.itemsize
+        return 2 * c.num_layers * self.block_size * self.num_kv_heads * c.head_dim * c.dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         a = self.args
@@ -107,52 +135,59 @@ class ModelRunner:
         # Decodes first: the attention backends take them as one batch.
         order = sorted(range(len(plan.chunks)), key=lambda i: plan.chunks[i].num_tokens != 1)
         chunks = [plan.chunks[i] for i in order]
-        tokens, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
-        sample_index, sample_rows = [], []
-        scored = []  # (chunk position in `chunks`, flat indices, next tokens, k) for prompt logprobs
+        inputs = StepInputs([], [], [], [], [], [], [[]])
+        sample_rows, sampling_chunks = [], []
+        scored = []  # (chunk position in `chunks`, next tokens, k) for prompt logprobs
         bs = self.block_size
         for ci, chunk in enumerate(chunks):
             req, start, n = chunk.request, chunk.start, chunk.num_tokens
-            base = len(tokens)
-            tokens += req.token_ids[start:start + n]
-            positions += range(start, start + n)
+            base = len(inputs.tokens)
+            inputs.tokens += req.token_ids[start:start + n]
+            inputs.positions += range(start, start + n)
             blocks = req.block_ids
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            tables.append(blocks)
+            inputs.slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+            inputs.query_lens.append(n)
+            inputs.seq_lens.append(start + n)
+            inputs.tables.append(blocks)
             params: SamplingParams = req.payload
             if chunk.samples:
-                sample_index.append(base + n - 1)
+                inputs.logit_rows[0].append(base + n - 1)
+                sampling_chunks.append(ci)
                 sample_rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids,
                                                self.config.eos_token_ids))
             if (params.prompt_logprobs is not None and req.num_output_tokens == 0
                     and start < req.num_prompt_tokens - 1):
                 end = min(start + n, req.num_prompt_tokens - 1)
-                scored.append((ci, list(range(base, base + end - start)),
-                               req.prompt_token_ids[start + 1:end + 1], params.prompt_logprobs))
-        dev = self.device
-        if self.graphs is not None and len(query_lens) == len(tokens) <= self.graphs.max_batch:
-            hidden = self.graphs.run(tokens, positions, slots, seq_lens, tables)
-        else:
-            hidden = self._forward_eager(tokens, positions, slots, query_lens, seq_lens, tables)
+                inputs.logit_rows.append(list(range(base, base + end - start)))
+                scored.append((ci, req.prompt_token_ids[start + 1:end + 1], params.prompt_logprobs))
+        if self.group.size > 1:
+            self.group.broadcast(inputs)
+        logits = self.forward(inputs)
 
+        dev = self.device
         results = [ChunkResult() for _ in chunks]
-        if sample_index:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=dev)])
-            out = sample(logits, SamplingBatch(sample_rows, dev))
-            sampling_chunks = [ci for ci, c in enumerate(chunks) if c.samples]
+        if sampling_chunks:
+            out = sample(logits[0], SamplingBatch(sample_rows, dev))
             for j, ci in enumerate(sampling_chunks):
                 results[ci].token = out.token_ids[j]
                 results[ci].logprobs = out.logprobs[j]
-        for ci, index, next_tokens, k in scored:
-            logits = self.model.compute_logits(hidden[torch.tensor(index, device=dev)])
-            results[ci].prompt_logprobs = prompt_logprobs(logits, torch.tensor(next_tokens, device=dev), k)
+        for (ci, next_tokens, k), chunk_logits in zip(scored, logits[1:]):
+            results[ci].prompt_logprobs = prompt_logprobs(chunk_logits, torch.tensor(next_tokens, device=dev), k)
         # Back to the plan's order.
         aligned: list[ChunkResult] = [ChunkResult()] * len(chunks)
         for pos_in_sorted, original in enumerate(order):
             aligned[original] = results[pos_in_sorted]
         return aligned
+
+    def forward(self, inputs: StepInputs) -> list[torch.Tensor | None]:
+        """The forward pass, on every rank: the logits of each of `inputs.logit_rows` (None where empty)."""
+        i = inputs
+        if self.graphs is not None and len(i.query_lens) == len(i.tokens) <= self.graphs.max_batch:
+            hidden = self.graphs.run(i.tokens, i.positions, i.slots, i.seq_lens, i.tables)
+        else:
+            hidden = self._forward_eager(i.tokens, i.positions, i.slots, i.query_lens, i.seq_lens, i.tables)
+        return [self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None
+                for rows in i.logit_rows]
 
     def _upload(self, values, dtype) -> torch.Tensor:
         """A host list or tensor on the device; through pinned memory on CUDA, so the copy is async."""

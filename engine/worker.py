@@ -25,7 +25,9 @@ def worker_main(worker_id: int, incarnation: int, model_path: str, engine_args, 
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker{worker_id} %(levelname)s %(message)s")
     import torch
     torch.set_num_threads(threads)
+    from . import parallel
     from .engine_core import EngineCore
+    parallel.EXIT_ON_RANK_DEATH = True
 
     inq = ShmQueue.attach(inbox, ToWorker)
     outq = ShmQueue.attach(outbox, FromWorker)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..parallel import TPGroup, check_shardable, shard_heads
+from .tp_layers import RowParallelLinear, VocabParallelEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -69,13 +71,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend):
+    """This rank's query heads and the KV heads they use: QKV column-parallel, o_proj row-parallel."""
+
+    def __init__(self, config: ModelConfig, backend, tp: TPGroup):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, _ = shard_heads(config.num_heads, config.num_kv_heads, tp)
+        self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -96,11 +101,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """This rank's columns of gate/up (column-parallel) and rows of down_proj (row-parallel)."""
+
+    def __init__(self, config: ModelConfig, tp: TPGroup):
         super().__init__()
-        self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate = config.intermediate_size // tp.size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = RowParallelLinear(self.intermediate, config.hidden_size, tp)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -108,12 +115,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend):
+    def __init__(self, config: ModelConfig, backend, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend)
+        self.self_attn = Attention(config, backend, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, x, positions, rotary, kv_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
@@ -121,17 +128,18 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, backend, max_positions: int):
+    def __init__(self, config: ModelConfig, backend, max_positions: int, tp: TPGroup = TPGroup()):
         super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
+        check_shardable(config, tp.size)
+        self.config, self.tp = config, tp
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config, max_positions)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -140,46 +148,58 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return (self.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
 
     # ---- weights ----------------------------------------------------------------------------
+    def weight_layout(self) -> dict[str, tuple[str, int, int, int, int]]:
+        """Where this rank's part of each Hugging Face weight goes, by the module name in the checkpoint:
+        (parameter's module, offset in it, dimension split, start in the checkpoint's tensor, size)."""
+        cfg, tp = self.config, self.tp
+        heads, kv_heads, first_kv = shard_heads(cfg.num_heads, cfg.num_kv_heads, tp)
+        q, kv, kv_start = heads * cfg.head_dim, kv_heads * cfg.head_dim, first_kv * cfg.head_dim
+        inter = cfg.intermediate_size // tp.size
+        vocab = self.embed_tokens
+        return {"q_proj": ("qkv_proj", 0, 0, tp.rank * q, q), "k_proj": ("qkv_proj", q, 0, kv_start, kv),
+                "v_proj": ("qkv_proj", q + kv, 0, kv_start, kv), "o_proj": ("o_proj", 0, 1, tp.rank * q, q),
+                "gate_proj": ("gate_up_proj", 0, 0, tp.rank * inter, inter),
+                "up_proj": ("gate_up_proj", inter, 0, tp.rank * inter, inter),
+                "down_proj": ("down_proj", 0, 1, tp.rank * inter, inter),
+                "embed_tokens": ("embed_tokens", 0, 0, vocab.start, vocab.num_rows),
+                "lm_head": ("lm_head", 0, 0, vocab.start, vocab.num_rows)}
+
     def load_weights(self, weights) -> None:
-        """Copy (name, tensor) pairs in Hugging Face naming into this model, fusing q/k/v and
-        gate/up projections. Every parameter must be covered."""
+        """Copy (name, tensor) pairs in Hugging Face naming into this model, fusing q/k/v and gate/up
+        projections and keeping only this rank's shard. A tensor may be a safetensors slice: then only the
+        shard is read. Every parameter must be covered."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        cfg = self.config
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        fused = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
-                 "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
-                 "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size)}
+        layout = self.weight_layout()
+        loaded: set[tuple[str, int]] = set()
         for name, tensor in weights:
-            if name.startswith("model."):
-                name = name[len("model."):]
+            name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
             parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in fused:
-                target, offset, size = fused[parts[-2]]
+            if len(parts) >= 2 and parts[-2] in layout:
+                target, offset, dim, start, size = layout[parts[-2]]
                 pname = ".".join(parts[:-2] + [target, parts[-1]])
-                params[pname].data[offset:offset + size].copy_(tensor)
-                loaded.add(f"{pname}[{offset}]")
-                continue
-            if name not in params:
+                if pname not in params:
+                    raise ValueError(f"unexpected weight {name!r} in checkpoint")
+                dest = params[pname].data
+                if dim == 0:
+                    dest[offset:offset + size].copy_(tensor[start:start + size])
+                else:
+                    dest.copy_(tensor[:, start:start + size])
+            elif name in params:
+                pname, offset = name, 0
+                params[name].data.copy_(tensor[:])
+            else:
                 raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            params[name].data.copy_(tensor)
-            loaded.add(name)
-        # Each fused parameter is complete when all its slices came.
-        missing = []
-        for pname in params:
-            base = pname.split(".")
-            if len(base) >= 2 and base[-2] in ("qkv_proj", "gate_up_proj"):
-                slices = [o for t, o, _ in fused.values() if t == base[-2]]
-                if not all(f"{pname}[{o}]" in loaded for o in slices):
-                    missing.append(pname)
-            elif pname not in loaded:
-                missing.append(pname)
+            loaded.add((pname, offset))
+        # A fused parameter is complete when all its parts came.
+        expected = {(p, 0) for p in params}
+        expected |= {(p, layout[part][1]) for p in params for part in ("k_proj", "v_proj", "up_proj")
+                     if p.split(".")[-2] == layout[part][0]}
+        missing = sorted({p for p, _ in expected - loaded})
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}"
                              + (" ..." if len(missing) > 5 else ""))
