@@ -143,6 +143,8 @@ def _free_port() -> int:
 def start_group(model_path, args, max_model_len: int) -> TPGroup:
     """Rank 0: start ranks 1..N-1 and join them. The worker's CPU threads are shared among its ranks."""
     size = args.tensor_parallel_size
+    if dist.is_initialized():
+        raise RuntimeError("this process already runs a tensor-parallel group; close it first (LLM.close())")
     if device_count := (torch.cuda.device_count() if args.resolved_device().type == "cuda" else 0):
         if (args.resolved_device().index or 0) + size > device_count:
             raise ValueError(f"tensor parallel size {size} needs {size} GPUs from {args.resolved_device()}; "

@@ -17,13 +17,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def build_tiny_model(arch: str, path: Path, vocab_size: int = 512, tie: bool = False) -> Path:
+def build_tiny_model(arch: str, path: Path, vocab_size: int = 512, tie: bool = False, num_kv_heads: int = 2) -> Path:
     """Save a tiny random model of `arch` (llama, mistral, qwen2, qwen3) to `path`."""
     import torch
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=1024,
                   tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
         config = tf.LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
