@@ -1,25 +1,25 @@
 """How a step runs: turn a StepPlan into one forward pass over a flattened batch, then sample.
 
-The runner owns the model and the physical KV cache tensors; from the plan it reads only token ids,
-positions and the block ids the KV block manager wrote into each request.
+The runner owns the model, the physical KV cache tensors and the step's input buffers; from the plan it
+reads only token ids, positions and the block ids the KV block manager wrote into each request.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from scheduling import StepPlan
+from scheduling import Chunk, Request, StepPlan
 
 from .attention import AttentionMetadata, make_backend
 from .config import EngineArgs, ModelConfig
-from .messages import SamplingParams
 from .models.loader import load_model
 from .parallel import TPGroup, check_shardable, start_group
 from .sampler import SamplingBatch, SamplingRow, prompt_logprobs, sample
+from .step_inputs import BatchLayout, InputBuffers
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +46,31 @@ def retain_freed_memory() -> None:
 
 
 @dataclass
-class StepInputs:
-    """What every tensor-parallel rank needs for one step's forward pass (host lists, broadcast by rank 0)."""
-    tokens: list[int]
-    positions: list[int]
-    slots: list[int]
-    query_lens: list[int]
-    seq_lens: list[int]
-    tables: list[list[int]]
-    logit_rows: list[list[int]]  # flat token indices whose logits are needed: the sampled rows, then each scored chunk's
-
-
-@dataclass
 class ChunkResult:
     token: int | None = None
     logprobs: tuple | None = None  # (logprob, top ids, top logprobs) of the sampled token
     prompt_logprobs: list | None = None  # one entry per prompt position this chunk scored
 
 
+@dataclass
+class StepInputs:
+    """A step after `prepare`: its batch in the input buffers, and what sampling and scoring need."""
+    layout: BatchLayout
+    graph_batch: int | None  # the captured batch size to replay, or None to run eagerly
+    sampled: list[int]  # chunks whose last token is sampled, in plan order
+    sampling_rows: list[SamplingRow]
+    scored: list[tuple[int, int, int]]  # (chunk, first flat index, count) of prompt tokens to score
+    scored_next_tokens: list[int]  # the token after each scored position
+    max_prompt_logprobs: int
+
+
 class ModelRunner:
-    """On a tensor-parallel group, rank 0's runner (`group` None: it starts the group) runs `execute`; the
-    other ranks' runners run `forward` on the inputs rank 0 broadcasts."""
+    """A step in three stages: `prepare` (the plan's inputs into the staging buffers, shared by the eager
+    and the CUDA-graph paths), `forward` (graph replay or eager), `sample_and_score` (the sampler and
+    prompt logprobs, with the step's host synchronisation).
+
+    Under tensor parallelism rank 0's runner (`group` None: it starts the group) runs `execute` and
+    broadcasts each step's inputs between `prepare` and `forward`; the other ranks' runners run `follow`."""
 
     def __init__(self, config: ModelConfig, args: EngineArgs, max_model_len: int, group: TPGroup | None = None):
         self.config = config
@@ -86,6 +90,7 @@ class ModelRunner:
 
     def _load(self, config: ModelConfig, args: EngineArgs, max_model_len: int) -> None:
         self.block_size = args.block_size
+        self.max_model_len = max_model_len
         self.backend = make_backend(args.attention_backend, self.device, args.block_size)
         torch.manual_seed(args.seed)
         self.model = load_model(config, self.backend, self.device, max_model_len,
@@ -98,11 +103,39 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=config.dtype, device=self.device),
                            torch.zeros(shape, dtype=config.dtype, device=self.device))
                           for _ in range(config.num_layers)]
+        self.use_graphs = (self.device.type == "cuda" and not args.enforce_eager
+                           and getattr(self.backend, "supports_cuda_graphs", False))
+        self.graph_max_batch = min(args.max_num_seqs, 512) if self.use_graphs else 0
+        self.inputs: InputBuffers | None = None
         self.graphs = None
-        if self.device.type == "cuda" and not args.enforce_eager and self.backend.name != "torch":
+        self._make_inputs(max(args.max_num_batched_tokens or 0, args.max_num_seqs), args.max_num_seqs)
+        if self.device.type == "cuda":
+            self._warm_up()
+
+    def _make_inputs(self, max_tokens: int, max_seqs: int) -> None:
+        """(Re)build the staging buffers, and the graphs captured over them."""
+        max_seqs = max(max_seqs, self.graph_max_batch)
+        self.inputs = InputBuffers(max(max_tokens, max_seqs), max_seqs, -(-self.max_model_len // self.block_size),
+                                   self.block_size, self.num_blocks, self.device)
+        if self.use_graphs:
             from .cuda_graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, min(args.max_num_seqs, 512), max_model_len,
-                                       self.block_size, self.num_blocks, self.device)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.inputs, self.graph_max_batch,
+                                       self.max_model_len, self.device)
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile every kernel variant a step can launch before the first request is timed: the decode
+        kernel per split count (a power of two chosen from the context length), prefill, mixed steps."""
+        def chunk(seq_len: int, num_tokens: int) -> Chunk:  # a context that lives in the scratch block only
+            r = Request("warm-up", [0] * seq_len, 1, 0.0)
+            r.block_ids = [self.num_blocks] * -(-seq_len // self.block_size)
+            return Chunk(r, seq_len - num_tokens, num_tokens)
+
+        contexts = sorted({min(self.max_model_len, 256 << k) for k in range(5)})
+        steps = [[chunk(n, 1)] for n in contexts] + [[chunk(32, 32)], [chunk(64, 1), chunk(48, 16)]]
+        for chunks in steps:
+            self.forward(StepInputs(self.inputs.write(chunks, len(chunks), []), None, [], [], [], [], 0))
+        torch.cuda.synchronize(self.device)
 
     @property
     def block_bytes(self) -> int:
@@ -131,82 +164,99 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[ChunkResult]:
-        """Run the plan; results are aligned with plan.chunks."""
-        # Decodes first: the attention backends take them as one batch.
-        order = sorted(range(len(plan.chunks)), key=lambda i: plan.chunks[i].num_tokens != 1)
-        chunks = [plan.chunks[i] for i in order]
-        inputs = StepInputs([], [], [], [], [], [], [[]])
-        sample_rows, sampling_chunks = [], []
-        scored = []  # (chunk position in `chunks`, next tokens, k) for prompt logprobs
-        bs = self.block_size
-        for ci, chunk in enumerate(chunks):
-            req, start, n = chunk.request, chunk.start, chunk.num_tokens
-            base = len(inputs.tokens)
-            inputs.tokens += req.token_ids[start:start + n]
-            inputs.positions += range(start, start + n)
-            blocks = req.block_ids
-            inputs.slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
-            inputs.query_lens.append(n)
-            inputs.seq_lens.append(start + n)
-            inputs.tables.append(blocks)
-            params: SamplingParams = req.payload
-            if chunk.samples:
-                inputs.logit_rows[0].append(base + n - 1)
-                sampling_chunks.append(ci)
-                sample_rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids,
-                                               self.config.eos_token_ids))
-            if (params.prompt_logprobs is not None and req.num_output_tokens == 0
-                    and start < req.num_prompt_tokens - 1):
-                end = min(start + n, req.num_prompt_tokens - 1)
-                inputs.logit_rows.append(list(range(base, base + end - start)))
-                scored.append((ci, req.prompt_token_ids[start + 1:end + 1], params.prompt_logprobs))
+        """Run the plan (decodes first, as the scheduler guarantees); results are aligned with plan.chunks."""
+        step = self.prepare(plan.chunks)
         if self.group.size > 1:
-            self.group.broadcast(inputs)
-        logits = self.forward(inputs)
+            self._broadcast(step)
+        return self.sample_and_score(plan.chunks, step, self.forward(step))
 
-        dev = self.device
-        results = [ChunkResult() for _ in chunks]
-        if sampling_chunks:
-            out = sample(logits[0], SamplingBatch(sample_rows, dev))
-            for j, ci in enumerate(sampling_chunks):
-                results[ci].token = out.token_ids[j]
-                results[ci].logprobs = out.logprobs[j]
-        for (ci, next_tokens, k), chunk_logits in zip(scored, logits[1:]):
-            results[ci].prompt_logprobs = prompt_logprobs(chunk_logits, torch.tensor(next_tokens, device=dev), k)
-        # Back to the plan's order.
-        aligned: list[ChunkResult] = [ChunkResult()] * len(chunks)
-        for pos_in_sorted, original in enumerate(order):
-            aligned[original] = results[pos_in_sorted]
-        return aligned
+    def _fit_inputs(self, num_tokens: int, num_seqs: int) -> None:
+        if num_tokens > self.inputs.max_tokens or num_seqs > self.inputs.max_seqs:
+            # A policy whose own budget exceeds the engine's (e.g. a token-budget knob): grow once.
+            log.warning("a step of %d tokens in %d sequences outgrows the input buffers; growing them",
+                        num_tokens, num_seqs)
+            self._make_inputs(max(num_tokens, self.inputs.max_tokens), max(num_seqs, self.inputs.max_seqs))
 
-    def forward(self, inputs: StepInputs) -> list[torch.Tensor | None]:
-        """The forward pass, on every rank: the logits of each of `inputs.logit_rows` (None where empty)."""
-        i = inputs
-        if self.graphs is not None and len(i.query_lens) == len(i.tokens) <= self.graphs.max_batch:
-            hidden = self.graphs.run(i.tokens, i.positions, i.slots, i.seq_lens, i.tables)
-        else:
-            hidden = self._forward_eager(i.tokens, i.positions, i.slots, i.query_lens, i.seq_lens, i.tables)
-        return [self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None
-                for rows in i.logit_rows]
+    def _broadcast(self, step: StepInputs | None) -> StepInputs | None:
+        """Rank 0 sends the step (None: stop), the others receive it; then the input buffers it filled."""
+        step = self.group.broadcast(step and replace(step, sampling_rows=[], scored_next_tokens=[]))
+        if step is not None:
+            self._fit_inputs(step.layout.num_tokens, step.layout.num_seqs)
+            for t in self.inputs.step_tensors(step.layout):
+                self.group.broadcast_tensor(t)
+        return step
 
-    def _upload(self, values, dtype) -> torch.Tensor:
-        """A host list or tensor on the device; through pinned memory on CUDA, so the copy is async."""
-        host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks 1..N-1: run each step rank 0 broadcasts, until it says stop."""
+        while (step := self._broadcast(None)) is not None:
+            self.logits(step, self.forward(step))
 
-    def _forward_eager(self, tokens, positions, slots, query_lens, seq_lens, tables) -> torch.Tensor:
-        width = max(len(t) for t in tables)
-        table = torch.zeros((len(tables), width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
+    def prepare(self, chunks: list[Chunk]) -> StepInputs:
+        num_tokens = sum(c.num_tokens for c in chunks)
+        self._fit_inputs(num_tokens, len(chunks))
+        graph_batch = None
+        if self.graphs is not None and num_tokens == len(chunks):
+            graph_batch = self.graphs.bucket(len(chunks))
+        sampled = [i for i, c in enumerate(chunks) if c.samples]
+        layout = self.inputs.write(chunks, graph_batch or len(chunks), sampled)
+        eos = self.config.eos_token_ids
+        rows = [SamplingRow(r.payload, r.prompt_token_ids, r.output_token_ids, eos)
+                for r in (chunks[i].request for i in sampled)]
+        scored, next_tokens, max_k, base = [], [], 0, 0
+        for i, c in enumerate(chunks):
+            req, params = c.request, c.request.payload
+            if (params.prompt_logprobs is not None and req.num_output_tokens == 0
+                    and c.start < req.num_prompt_tokens - 1):
+                end = min(c.start + c.num_tokens, req.num_prompt_tokens - 1)
+                scored.append((i, base, end - c.start))
+                next_tokens += req.prompt_token_ids[c.start + 1:end + 1]
+                max_k = max(max_k, params.prompt_logprobs)
+            base += c.num_tokens
+        return StepInputs(layout, graph_batch, sampled, rows, scored, next_tokens, max_k)
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        """Hidden states of every token of the step (graph steps: of every padded row)."""
+        if step.graph_batch is not None:
+            return self.graphs.replay(step.graph_batch)
+        b, lay = self.inputs, step.layout
+        t, s = lay.num_tokens, lay.num_seqs
         meta = AttentionMetadata(
-            slot_mapping=self._upload(slots, torch.int64), query_start_loc=self._upload(qsl, torch.int32),
-            seq_lens=self._upload(seq_lens, torch.int32), block_tables=self._upload(table, torch.int32),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            num_decodes=sum(1 for q in query_lens if q == 1), query_lens_host=query_lens, seq_lens_host=seq_lens)
-        return self.model(self._upload(tokens, torch.int64), self._upload(positions, torch.int64), self.kv_caches, meta)
+            slot_mapping=b.slots_dev[:t], query_start_loc=b.qsl_dev[:s + 1], seq_lens=b.seq_lens_dev[:s],
+            block_tables=b.tables_dev[:s], max_query_len=max(lay.query_lens), max_seq_len=max(lay.seq_lens),
+            num_decodes=lay.num_decodes, query_lens_host=lay.query_lens, seq_lens_host=lay.seq_lens)
+        return self.model(b.ids_dev[:t], b.positions_dev[:t], self.kv_caches, meta)
+
+    def logits(self, step: StepInputs, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The logits of the sampled rows and of the scored prompt positions (all of them in one pass). On
+        every rank: the LM head is split over the ranks."""
+        sampled = scored = None
+        if step.sampled:
+            sampled = self.model.compute_logits(hidden[self.inputs.sample_index_dev[:len(step.sampled)]])
+        if step.scored:
+            index = [first + k for _, first, count in step.scored for k in range(count)]
+            scored = self.model.compute_logits(hidden[self._upload(index, torch.int64)])
+        return sampled, scored
+
+    def sample_and_score(self, chunks: list[Chunk], step: StepInputs, hidden: torch.Tensor) -> list[ChunkResult]:
+        results = [ChunkResult() for _ in chunks]
+        sampled_logits, scored_logits = self.logits(step, hidden)
+        if step.sampled:
+            out = sample(sampled_logits, SamplingBatch(step.sampling_rows, self.device))
+            for j, i in enumerate(step.sampled):
+                results[i].token = out.token_ids[j]
+                results[i].logprobs = out.logprobs[j]
+        if step.scored:
+            entries = prompt_logprobs(scored_logits, self._upload(step.scored_next_tokens, torch.int64),
+                                      step.max_prompt_logprobs)
+            offset = 0
+            for i, _, count in step.scored:
+                k = chunks[i].request.payload.prompt_logprobs
+                results[i].prompt_logprobs = [(lp, ids[:k], vals[:k]) for lp, ids, vals in entries[offset:offset + count]]
+                offset += count
+        return results
+
+    def _upload(self, values: list[int], dtype) -> torch.Tensor:
+        """A host list on the device; through pinned memory on CUDA, so the copy does not block."""
+        host = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)

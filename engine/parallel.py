@@ -73,6 +73,11 @@ class TPGroup:
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
 
+    def broadcast_tensor(self, t: torch.Tensor) -> None:
+        """Rank 0's `t` into every rank's `t` (a contiguous tensor, on the device)."""
+        if t.numel():
+            dist.broadcast(t, src=0)
+
     def close(self, kill: bool = False) -> None:
         """Rank 0: tell the other ranks to exit (or kill them, when they may be inside another collective),
         and wait for them."""
@@ -183,10 +188,7 @@ def rank_main() -> None:
     from .config import ModelConfig
     from .model_runner import ModelRunner
     group = _join(rank, size, port, args.resolved_device())
-    runner = ModelRunner(ModelConfig.load(model_path, args.dtype), args, max_model_len, group)
-    with torch.inference_mode():
-        while (inputs := group.broadcast()) is not None:
-            runner.forward(inputs)
+    ModelRunner(ModelConfig.load(model_path, args.dtype), args, max_model_len, group).follow()
     dist.destroy_process_group()
 
 

@@ -25,6 +25,11 @@ def worker_main(worker_id: int, incarnation: int, model_path: str, engine_args, 
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker{worker_id} %(levelname)s %(message)s")
     import torch
     torch.set_num_threads(threads)
+    device = engine_args.resolved_device()
+    if device.type == "cuda":
+        # This worker's GPU becomes the process's current device: Triton launches on the current
+        # device's stream and CUDA-graph capture uses it, so workers on cuda:1+ need it set.
+        torch.cuda.set_device(device)
     from . import parallel
     from .engine_core import EngineCore
     parallel.EXIT_ON_RANK_DEATH = True

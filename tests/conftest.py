@@ -12,9 +12,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # Keep each test process on few threads: CI has two cores and several processes run at once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The Triton kernels are tested on CPU through Triton's interpreter, which is chosen when triton is first
-# imported; transformers imports it long before tests/test_triton_kernels.py is collected.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def cuda_present() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels are tested on CPU through Triton's interpreter, which is chosen when
+# triton is first imported; transformers imports it long before tests/test_triton_kernels.py is
+# collected. With a GPU they compile for real: the engine tests then run the fast path with CUDA graphs,
+# which the interpreter could not be captured in.
+if not cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def build_tiny_model(arch: str, path: Path, vocab_size: int = 512, tie: bool = False, num_kv_heads: int = 2) -> Path:

@@ -48,10 +48,12 @@ def load_model(config: ModelConfig, backend, device: torch.device, max_positions
             model = LlamaForCausalLM(config, backend, max_positions, tp)
     finally:
         torch.set_default_dtype(previous)
+    # Serving never trains: parameters that require grad would make every forward outside
+    # inference_mode record autograd state (a CUDA graph captured that way keeps activations alive).
+    model.requires_grad_(False)
     if random_weights:
         for p in model.parameters():  # small values keep activations finite in any dtype
-            p.data.normal_(0.0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     else:
-        with torch.no_grad():
-            model.load_weights(iter_weights(files))
+        model.load_weights(iter_weights(files))
     return model.eval()
