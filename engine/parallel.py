@@ -190,6 +190,8 @@ def rank_main() -> None:
     group = _join(rank, size, port, args.resolved_device())
     ModelRunner(ModelConfig.load(model_path, args.dtype), args, max_model_len, group).follow()
     dist.destroy_process_group()
+    logging.shutdown()
+    os._exit(0)  # nothing left to finalise; tearing down torch's modules would only delay the worker's exit
 
 
 if __name__ == "__main__":
