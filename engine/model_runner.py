@@ -118,6 +118,8 @@ class ModelRunner:
         contexts = sorted({min(self.max_model_len, 256 << k) for k in range(5)})
         steps = [[chunk(n, 1)] for n in contexts] + [[chunk(32, 32)], [chunk(64, 1), chunk(48, 16)]]
         for chunks in steps:
+            if sum(c.num_tokens for c in chunks) > self.inputs.max_tokens:
+                continue  # a budget this small never runs such a step
             self.forward(StepInputs(self.inputs.write(chunks, len(chunks), []), None, [], [], [], [], 0))
         torch.cuda.synchronize(self.device)
 
