@@ -194,7 +194,12 @@ class ModelRunner:
         return self.model(b.ids_dev[:t], b.positions_dev[:t], self.kv_caches, meta)
 
     def sample_and_score(self, chunks: list[Chunk], step: StepInputs, hidden: torch.Tensor) -> list[ChunkResult]:
+        """Sampled tokens and prompt logprobs on the host. Sampling ends in the step's one synchronisation
+        (a step that also scores prompt tokens, for `prompt_logprobs`, adds one); a step with neither
+        synchronises anyway, so the step time the scheduler measures is this step's own."""
         results = [ChunkResult() for _ in chunks]
+        if not step.sampled and not step.scored and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         if step.sampled:
             index = self.inputs.sample_index_dev[:len(step.sampled)]
             out = sample(self.model.compute_logits(hidden[index]), SamplingBatch(step.sampling_rows, self.device))
