@@ -50,13 +50,14 @@ class SamplingBatch:
         self.device = device
         params = [r.params for r in rows]
         self.all_greedy = all(p.greedy for p in params)
-        self.temperature = to_device([p.temperature if not p.greedy else 1.0 for p in params], device,
-                                     torch.float32)
-        self.greedy_mask = to_device([p.greedy for p in params], device)
-        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
-        self.top_k = to_device(top_k, device) if any(top_k) else None
-        self.top_p = to_device([p.top_p for p in params], device) if any(p.top_p < 1.0 for p in params) else None
-        self.min_p = to_device([p.min_p for p in params], device) if any(p.min_p > 0.0 for p in params) else None
+        if not self.all_greedy:  # a greedy batch needs none of these: the argmax alone
+            self.temperature = to_device([p.temperature if not p.greedy else 1.0 for p in params], device,
+                                         torch.float32)
+            self.greedy_mask = to_device([p.greedy for p in params], device)
+            top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+            self.top_k = to_device(top_k, device) if any(top_k) else None
+            self.top_p = to_device([p.top_p for p in params], device) if any(p.top_p < 1.0 for p in params) else None
+            self.min_p = to_device([p.min_p for p in params], device) if any(p.min_p > 0.0 for p in params) else None
         self.has_penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                                  for p in params)
         self.max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)

@@ -18,17 +18,24 @@ from .tp_layers import RowParallelLinear, VocabParallelEmbedding
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm. Given the residual stream too, it first adds `x` to it and returns the sum
+    as the new residual (vLLM's fused add+RMSNorm): the layer's residual adds ride on its norms."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual
+        residual = x
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps), residual  # one op
         # Normalize in float32 and scale in the input dtype, as the reference implementation does.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype), residual
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -52,22 +59,26 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
+    """Rotary position embedding. The step's cos/sin rows are looked up once (`tables`) and shared by
+    every layer; `apply` rotates queries and keys together, as one [T, heads, D] tensor."""
+
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config))
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # rotate_half(x) * sin == flip_halves(x) * [-sin, sin]: the sign is folded into the table.
+        self.register_buffer("cos_sin", torch.stack([torch.cat([freqs.cos(), freqs.cos()], -1),
+                                                     torch.cat([-freqs.sin(), freqs.sin()], -1)], 1),
+                             persistent=False)  # [P, 2, D]
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos_sin = self.cos_sin[positions].to(dtype).unsqueeze(2)  # [T, 2, 1, D]
+        return cos_sin[:, 0], cos_sin[:, 1]
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, n, D] -> x * cos + rotate_half(x) * sin, in a new tensor."""
+        flipped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+        return (x * cos).addcmul_(flipped, sin)
 
 
 class Attention(nn.Module):
@@ -88,16 +99,16 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.backend = backend
 
-    def forward(self, x, positions, rotary: Rotary, kv_cache, meta):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache, meta):
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, :self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim))  # [T, H + Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size:].unflatten(-1, (-1, self.head_dim))
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q)[0], self.k_norm(k)[0]], dim=1)
+        q, k = Rotary.apply(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(out.flatten(1))
 
 
 class MLP(nn.Module):
@@ -110,8 +121,9 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(self.intermediate, config.hidden_size, tp)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no new [T, I] tensors
 
 
 class DecoderLayer(nn.Module):
@@ -122,9 +134,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp)
 
-    def forward(self, x, positions, rotary, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta):
+        """(this layer's output, the residual stream before it): the add that joins them is left to the
+        next layer's first norm, or to the final norm."""
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -142,12 +158,16 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        """The last layer's residual stream, before the final norm: `compute_logits` normalizes only the
+        rows it scores."""
+        x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.tables(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.norm(hidden)
         return (self.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
 
     # ---- weights ----------------------------------------------------------------------------
