@@ -101,6 +101,9 @@ class EngineArgs:
     enforce_eager: bool = False
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
     tensor_parallel_size: int = 1  # ranks (processes, GPUs) per worker, each holding a shard of the model
+    # CPU: a step with at least this much matmul work (GFLOP) computes on all the worker's intra-op threads,
+    # a smaller one on one thread fewer, leaving that core to the HTTP server (see ModelRunner.step_threads).
+    cpu_parallel_min_gflop: float = 1.0
     seed: int = 0
 
     def resolved_device(self) -> torch.device:

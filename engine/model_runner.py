@@ -96,6 +96,11 @@ class ModelRunner:
         self.model = load_model(config, self.backend, self.device, max_model_len,
                                 random_weights=args.load_format == "dummy", tp=self.group)
         self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
+        # Per-step intra-op threads (CPU, one rank): see step_threads.
+        self.max_threads = torch.get_num_threads()
+        self.flops_per_token = 2 * sum(p.numel() for n, p in self.model.named_parameters()
+                                       if "layers." in n and p.dim() == 2)
+        self.flops_per_sample = 2 * config.vocab_size * config.hidden_size
         self.num_blocks = self.group.min(self._num_kv_blocks())  # every rank holds the same blocks
         # One block more than the KV manager hands out: a scratch block that padded rows of a
         # CUDA-graph batch write into, so no real block is ever touched by padding.
@@ -170,7 +175,19 @@ class ModelRunner:
         step = self.prepare(plan.chunks)
         if self.group.size > 1:
             self._broadcast(step)
+        elif self.device.type == "cpu" and self.max_threads > 1:
+            threads = self.step_threads(step.layout)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
         return self.sample_and_score(plan.chunks, step, self.forward(step))
+
+    def step_threads(self, layout: BatchLayout) -> int:
+        """Intra-op threads for a CPU step: all the worker's for a step with enough matmul work, one fewer
+        for a small one. Between steps the server streams the last step's tokens on the last core; a
+        thread pool that needs that core too waits for it at every fork-join, which costs a small step
+        more than the extra thread gains it."""
+        gflop = (self.flops_per_token * layout.num_tokens + self.flops_per_sample * layout.num_sampled) / 1e9
+        return self.max_threads if gflop >= self.args.cpu_parallel_min_gflop else self.max_threads - 1
 
     def _fit_inputs(self, num_tokens: int, num_seqs: int) -> None:
         if num_tokens > self.inputs.max_tokens or num_seqs > self.inputs.max_seqs:

@@ -98,9 +98,9 @@ class Worker:
 
 
 def cpu_threads_per_worker(num_workers: int) -> int:
-    """Intra-op threads per worker: the cores left after one for the server and balancer, shared.
-    A torch thread pool that competes with the server for a core stalls every step it waits on."""
-    return max(1, ((os.cpu_count() or 1) - 1) // max(num_workers, 1))
+    """The most intra-op threads a worker computes on: its share of the cores. Steps too small to gain
+    from the last one leave it to the server (ModelRunner.step_threads)."""
+    return max(1, (os.cpu_count() or 1) // max(num_workers, 1))
 
 
 def detach_from_terminal(name: str) -> None:

@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash-attn", "torch-flash", "triton", "torch"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    p.add_argument("--cpu-parallel-min-gflop", type=float, default=1.0,
+                   help="CPU: steps with less matmul work than this run on one intra-op thread fewer, leaving "
+                        "that core to the server (0: always all threads)")
     p.add_argument("--workers", type=int, default=None,
                    help="engine workers (default: one per GPU, or per --tensor-parallel-size GPUs; else 1)")
     p.add_argument("--devices", default=None,
@@ -96,7 +99,8 @@ def main(argv=None) -> None:
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
         scheduler=args.scheduler, scheduler_knobs=knob_values(args, SCHEDULERS, args.scheduler),
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-        load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed)
+        load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
+        cpu_parallel_min_gflop=args.cpu_parallel_min_gflop)
     devices = worker_devices(args)
     tokenizer = load_tokenizer(model_path)
     vocab_size = json.loads((model_path / "config.json").read_text())["vocab_size"]
