@@ -179,7 +179,7 @@ class ModelRunner:
 
     def _broadcast(self, step: StepInputs | None) -> StepInputs | None:
         """Rank 0 sends the step (None: stop), the others receive it; then the input buffers it filled."""
-        step = self.group.broadcast(step and replace(step, sampling_rows=[], scored_next_tokens=[]))
+        step = self.group.broadcast(None if step is None else replace(step, sampling_rows=[], scored_next_tokens=[]))
         if step is not None:
             self._fit_inputs(step.layout.num_tokens, step.layout.num_seqs)
             for t in self.inputs.step_tensors(step.layout):
