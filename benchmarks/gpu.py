@@ -251,7 +251,7 @@ def hf_continuous_batching(prompts, outs, args) -> tuple[float, str]:
         manager.warmup()
     manager.start()
     try:
-        def run(batch, limit):
+        def run(tag, batch, limit):
             ids = [manager.add_request(p, request_id=f"{tag}-{i}", max_new_tokens=o)
                    for i, (p, o) in enumerate(batch)]
             done, deadline = {}, time.perf_counter() + limit
@@ -262,11 +262,9 @@ def hf_continuous_batching(prompts, outs, args) -> tuple[float, str]:
                         raise RuntimeError(f"request {r.request_id}: {r.error}")
                     done[r.request_id] = len(r.generated_tokens)
             return done
-        tag = "warm"
-        run([(p, 8) for p in prompts[:8]], 60)
-        tag = "timed"
+        run("warm", [(p, 8) for p in prompts[:8]], 60)
         start = time.perf_counter()
-        done = run(list(zip(prompts, outs)), args.hf_time_limit)
+        done = run("timed", list(zip(prompts, outs)), args.hf_time_limit)
         elapsed = time.perf_counter() - start
     finally:
         manager.stop(block=True, timeout=10)
