@@ -64,6 +64,11 @@ def test_input_buffers_rows_follow_their_requests():
     a.token_ids.append(20)
     lay = buf.write([Chunk(b, 7, 1), Chunk(a, 10, 1)], 2, [])
     assert buf.tables[1, :3].tolist() == [4, 0, 8]
+    # Step 5: a's list refilled in place (not the KV manager's way, but caught): the row is rewritten.
+    a.block_ids[:] = [6, 9, 10, 11]
+    a.token_ids.append(21)
+    buf.write([Chunk(b, 7, 1), Chunk(a, 11, 1)], 2, [])
+    assert buf.tables[1, :4].tolist() == [6, 9, 10, 11]
 
 
 def test_buffers_grow_for_a_policy_budget_beyond_the_engines(tiny_models):
