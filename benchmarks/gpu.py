@@ -107,6 +107,14 @@ def engine_state(llm, args) -> str:
     state = (f"{device_name()}, attention backend {runner.backend.name}, "
              + (f"CUDA graphs for decode batches {graphs.buckets[0]}..{graphs.buckets[-1]}" if graphs
                 else "no CUDA graphs (eager)"))
+    if runner.device.type == "cuda":
+        import torch
+        weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        kv = (runner.num_blocks + 1) * runner.block_bytes
+        other = torch.cuda.memory_allocated(runner.device) - weights - kv
+        # What the graphs, buffers and activations hold beyond weights and KV: with graphs captured under
+        # autograd it was several GB (saved activations per bucket).
+        state += f"; GPU memory beyond weights and KV cache: {other / 2**30:.2f} GiB"
     print(f"[gpu.py] measuring on {state}", flush=True)
     if runner.device.type == "cuda":
         if args.attention_backend != "auto":
