@@ -63,6 +63,11 @@ class StepInputs:
     scored_next_tokens: list[int]  # the token after each scored position
     max_prompt_logprobs: int
 
+    @classmethod
+    def forward_only(cls, layout: BatchLayout) -> StepInputs:
+        """An eager step whose outputs nobody samples (kernel warm-up, tests)."""
+        return cls(layout, None, [], [], [], [], 0)
+
 
 class ModelRunner:
     """A step in three stages: `prepare` (the plan's inputs into the staging buffers, shared by the eager
@@ -134,7 +139,9 @@ class ModelRunner:
         contexts = sorted({min(self.max_model_len, 256 << k) for k in range(5)})
         steps = [[chunk(n, 1)] for n in contexts] + [[chunk(32, 32)], [chunk(64, 1), chunk(48, 16)]]
         for chunks in steps:
-            self.forward(StepInputs(self.inputs.write(chunks, len(chunks), []), None, [], [], [], [], 0))
+            if sum(c.num_tokens for c in chunks) > self.inputs.max_tokens:
+                continue  # a budget this small never runs such a step
+            self.forward(StepInputs.forward_only(self.inputs.write(chunks, len(chunks), [])))
         torch.cuda.synchronize(self.device)
 
     @property
@@ -239,7 +246,12 @@ class ModelRunner:
         return sampled, scored
 
     def sample_and_score(self, chunks: list[Chunk], step: StepInputs, hidden: torch.Tensor) -> list[ChunkResult]:
+        """Sampled tokens and prompt logprobs on the host. Sampling ends in the step's one synchronisation
+        (a step that also scores prompt tokens, for `prompt_logprobs`, adds one); a step with neither
+        synchronises anyway, so the step time the scheduler measures is this step's own."""
         results = [ChunkResult() for _ in chunks]
+        if not step.sampled and not step.scored and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         sampled_logits, scored_logits = self.logits(step, hidden)
         if step.sampled:
             out = sample(sampled_logits, SamplingBatch(step.sampling_rows, self.device))

@@ -83,7 +83,7 @@ class InputBuffers:
         qsl[0] = 0
         np.cumsum(query_lens, out=qsl[1:num_seqs + 1])
         n["seq_lens"][:num_seqs] = seq_lens
-        width = self._write_tables(chunks)
+        self._write_tables(chunks)
         row = np.repeat(np.arange(num_seqs), query_lens)
         pos = np.arange(num_tokens) - qsl[row] + np.asarray(starts, dtype=np.int64)[row]
         n["positions"][:num_tokens] = pos
@@ -94,19 +94,19 @@ class InputBuffers:
         if num_rows > num_seqs:
             self._pad(num_seqs, num_rows)
             num_sent = num_rows  # a padded batch is all decodes: one token per row
-        self._upload(num_sent, num_rows, max(width, 1), len(sampled_rows))
+        self._upload(num_sent, num_rows, len(sampled_rows))
         return BatchLayout(num_tokens, num_seqs, num_rows, num_decodes, query_lens, seq_lens, len(sampled_rows))
 
-    def _write_tables(self, chunks: list[Chunk]) -> int:
-        table, width = self._np["tables"], 0
+    def _write_tables(self, chunks: list[Chunk]) -> None:
+        table = self._np["tables"]
         for i, c in enumerate(chunks):
             blocks = c.request.block_ids
             have = self._row_len[i] if self._row_blocks[i] is blocks else 0
+            if have and (have > len(blocks) or table[i, have - 1] != blocks[have - 1]):
+                have = 0  # the list was changed in place, not only appended to: write the row afresh
             if have < len(blocks):
                 table[i, have:len(blocks)] = blocks[have:]
             self._row_blocks[i], self._row_len[i] = blocks, len(blocks)
-            width = max(width, len(blocks))
-        return width
 
     def _pad(self, start: int, stop: int) -> None:
         """Rows [start, stop) become padding: token 0 at position 0, written into the scratch block, one
@@ -120,13 +120,15 @@ class InputBuffers:
         n["tables"][start:stop, 0] = self.scratch_block
         self._row_blocks[start:stop] = [None] * (stop - start)
 
-    def _upload(self, num_tokens: int, num_rows: int, width: int, num_sampled: int) -> None:
+    def _upload(self, num_tokens: int, num_rows: int, num_sampled: int) -> None:
         if not self.on_cuda:
             return
         for name, count in (("ids", num_tokens), ("positions", num_tokens), ("slots", num_tokens),
                             ("qsl", num_rows + 1), ("seq_lens", num_rows), ("sample_index", num_sampled)):
             getattr(self, name + "_dev")[:count].copy_(getattr(self, name)[:count], non_blocking=True)
-        self.tables_dev[:num_rows, :width].copy_(self.tables[:num_rows, :width], non_blocking=True)
+        # Whole rows: a contiguous copy stays asynchronous (a column slice would go through a pageable
+        # temporary); entries past a row's own blocks are stale but never read.
+        self.tables_dev[:num_rows].copy_(self.tables[:num_rows], non_blocking=True)
         self._uploaded.record()
 
     def step_tensors(self, layout: BatchLayout) -> list[torch.Tensor]:
@@ -139,6 +141,6 @@ class InputBuffers:
     def pad_all(self) -> None:
         """Every row padding, on host and device: the state CUDA graphs are captured in."""
         self._pad(0, self.max_seqs)
-        self._upload(self.max_seqs, self.max_seqs, 1, 0)
+        self._upload(self.max_seqs, self.max_seqs, 0)
         if self.on_cuda:
             self._uploaded.synchronize()
