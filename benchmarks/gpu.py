@@ -107,6 +107,14 @@ def engine_state(llm, args) -> str:
     state = (f"{device_name()}, attention backend {runner.backend.name}, "
              + (f"CUDA graphs for decode batches {graphs.buckets[0]}..{graphs.buckets[-1]}" if graphs
                 else "no CUDA graphs (eager)"))
+    if runner.device.type == "cuda":
+        import torch
+        weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        kv = (runner.num_blocks + 1) * runner.block_bytes
+        other = torch.cuda.memory_allocated(runner.device) - weights - kv
+        # What the graphs, buffers and activations hold beyond weights and KV: with graphs captured under
+        # autograd it was several GB (saved activations per bucket).
+        state += f"; GPU memory beyond weights and KV cache: {other / 2**30:.2f} GiB"
     print(f"[gpu.py] measuring on {state}", flush=True)
     if runner.device.type == "cuda":
         if args.attention_backend != "auto":
@@ -251,7 +259,7 @@ def hf_continuous_batching(prompts, outs, args) -> tuple[float, str]:
         manager.warmup()
     manager.start()
     try:
-        def run(batch, limit):
+        def run(tag, batch, limit):
             ids = [manager.add_request(p, request_id=f"{tag}-{i}", max_new_tokens=o)
                    for i, (p, o) in enumerate(batch)]
             done, deadline = {}, time.perf_counter() + limit
@@ -262,11 +270,9 @@ def hf_continuous_batching(prompts, outs, args) -> tuple[float, str]:
                         raise RuntimeError(f"request {r.request_id}: {r.error}")
                     done[r.request_id] = len(r.generated_tokens)
             return done
-        tag = "warm"
-        run([(p, 8) for p in prompts[:8]], 60)
-        tag = "timed"
+        run("warm", [(p, 8) for p in prompts[:8]], 60)
         start = time.perf_counter()
-        done = run(list(zip(prompts, outs)), args.hf_time_limit)
+        done = run("timed", list(zip(prompts, outs)), args.hf_time_limit)
         elapsed = time.perf_counter() - start
     finally:
         manager.stop(block=True, timeout=10)

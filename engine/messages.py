@@ -155,6 +155,7 @@ class WorkerReady(msgspec.Struct, tag=True):
     attention_backend: str
     model: str
     error: str | None = None  # the worker could not start: why
+    node: str = "local"  # the Ray node id of a worker on a Ray cluster
 
 
 class WorkerFailed(msgspec.Struct, tag=True):

@@ -63,6 +63,11 @@ class StepInputs:
     scored_next_tokens: list[int]  # the token after each scored position
     max_prompt_logprobs: int
 
+    @classmethod
+    def forward_only(cls, layout: BatchLayout) -> StepInputs:
+        """An eager step whose outputs nobody samples (kernel warm-up, tests)."""
+        return cls(layout, None, [], [], [], [], 0)
+
 
 class ModelRunner:
     """A step in three stages: `prepare` (the plan's inputs into the staging buffers, shared by the eager
@@ -141,7 +146,7 @@ class ModelRunner:
         for chunks in steps:
             if sum(c.num_tokens for c in chunks) > self.inputs.max_tokens:
                 continue  # a budget this small never runs such a step
-            self.forward(StepInputs(self.inputs.write(chunks, len(chunks), []), None, [], [], [], [], 0))
+            self.forward(StepInputs.forward_only(self.inputs.write(chunks, len(chunks), [])))
         torch.cuda.synchronize(self.device)
 
     @property
@@ -198,7 +203,7 @@ class ModelRunner:
 
     def _broadcast(self, step: StepInputs | None) -> StepInputs | None:
         """Rank 0 sends the step (None: stop), the others receive it; then the input buffers it filled."""
-        step = self.group.broadcast(step and replace(step, sampling_rows=[], scored_next_tokens=[]))
+        step = self.group.broadcast(None if step is None else replace(step, sampling_rows=[], scored_next_tokens=[]))
         if step is not None:
             self._fit_inputs(step.layout.num_tokens, step.layout.num_seqs)
             for t in self.inputs.step_tensors(step.layout):

@@ -118,8 +118,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = batch.apply_penalties(logits)
     if batch.banned:
         logits = logits.clone()
-        for i, tokens in batch.banned:
-            logits[i, tokens] = float("-inf")
+        rows = [i for i, tokens in batch.banned for _ in tokens]
+        cols = [t for _, tokens in batch.banned for t in tokens]
+        logits[to_device(rows, batch.device), to_device(cols, batch.device)] = float("-inf")
     tokens = logits.argmax(dim=-1)
     if not batch.all_greedy:
         scaled = logits / batch.temperature[:, None]

@@ -102,6 +102,8 @@ class InputBuffers:
         for i, c in enumerate(chunks):
             blocks = c.request.block_ids
             have = self._row_len[i] if self._row_blocks[i] is blocks else 0
+            if have and (have > len(blocks) or table[i, have - 1] != blocks[have - 1]):
+                have = 0  # the list was changed in place, not only appended to: write the row afresh
             if have < len(blocks):
                 table[i, have:len(blocks)] = blocks[have:]
             self._row_blocks[i], self._row_len[i] = blocks, len(blocks)

@@ -45,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated CUDA device ids, one worker each (its first, under tensor parallelism)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks per worker, each holding a shard of the model (GPUs, or CPU processes over gloo)")
+    p.add_argument("--data-parallel-backend", default="mp", choices=["mp", "ray"],
+                   help="mp: workers are processes on this machine; ray: engine actors on a Ray cluster")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else the one running on this machine)")
     p.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
     p.add_argument("--balancer", default="round-robin", choices=sorted(BALANCERS))
     p.add_argument("--max-queued-requests", type=int, default=None,
@@ -101,14 +105,16 @@ def main(argv=None) -> None:
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
         cpu_parallel_min_gflop=args.cpu_parallel_min_gflop)
-    devices = worker_devices(args)
+    # Ray workers find their device on their node.
+    devices = worker_devices(args) if args.data_parallel_backend == "mp" else ["auto"] * (args.workers or 1)
     tokenizer = load_tokenizer(model_path)
     vocab_size = json.loads((model_path / "config.json").read_text())["vocab_size"]
 
     @asynccontextmanager
     async def lifespan(app):
         client = EngineClient(str(model_path), engine_args, devices, args.balancer,
-                              knob_values(args, BALANCERS, args.balancer), args.seed, level)
+                              knob_values(args, BALANCERS, args.balancer), args.seed, level,
+                              (args.ray_address or "auto") if args.data_parallel_backend == "ray" else None)
         ready = await client.start()
         for r in ready:
             log.info("worker %d ready on %s: %d KV blocks of %d tokens (%d tokens), attention %s, max_model_len %d",

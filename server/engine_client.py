@@ -52,8 +52,10 @@ class WorkerSlot:
 
 class EngineClient:
     def __init__(self, model_path: str, engine_args, devices: list[str], balancer: str, balancer_knobs: dict,
-                 seed: int = 0, log_level: int = logging.INFO):
-        """One worker per entry of `devices` ("cuda:0", "cpu", ...)."""
+                 seed: int = 0, log_level: int = logging.INFO, ray_address: str | None = None):
+        """One worker per entry of `devices` ("cuda:0", "cpu", ...); with `ray_address`, each an engine actor
+        on that Ray cluster behind a local proxy process (engine/ray_worker.py)."""
+        self.ray_address = ray_address
         num_workers = len(devices)
         self.devices = devices
         self.model_path, self.engine_args, self.log_level = model_path, engine_args, log_level
@@ -107,11 +109,15 @@ class EngineClient:
 
     def _spawn(self, w: WorkerSlot) -> None:
         w.incarnation += 1
-        w.process = self.ctx.Process(
-            target=worker_main, name=f"halffull-worker{w.worker_id}", daemon=True,
-            args=(w.worker_id, w.incarnation, str(self.model_path),
-                  dataclasses.replace(self.engine_args, device=self.devices[w.worker_id]), self.threads,
-                  w.to_worker.spec, w.from_worker.spec, w.reports.spec, self.log_level))
+        args = (w.worker_id, w.incarnation, str(self.model_path),
+                dataclasses.replace(self.engine_args, device=self.devices[w.worker_id]), self.threads,
+                w.to_worker.spec, w.from_worker.spec, w.reports.spec, self.log_level)
+        if self.ray_address is not None:
+            from engine.ray_worker import ray_worker_main
+            target, args = ray_worker_main, args + (self.ray_address,)
+        else:
+            target = worker_main
+        w.process = self.ctx.Process(target=target, name=f"halffull-worker{w.worker_id}", daemon=True, args=args)
         w.process.start()
 
     async def _await_ready(self, w: WorkerSlot) -> WorkerReady:
@@ -138,7 +144,7 @@ class EngineClient:
                 loop.add_reader(w.process.sentinel, self._worker_died, w)
 
     def _ready(self, w: WorkerSlot, ready: WorkerReady) -> None:
-        w.ready, w.alive = ready, ready.error is None
+        w.ready, w.alive, w.node = ready, ready.error is None, ready.node
         if w.alive:  # until its first load report (it sends none while idle), /metrics shows an empty worker
             self.reports[w.worker_id] = LoadReport(w.worker_id, SchedulerStats(kv_blocks_total=ready.num_kv_blocks),
                                                    incarnation=ready.incarnation)

@@ -17,6 +17,8 @@ time) the same kernels run on CPU tensors, which is how the tests exercise them.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -143,8 +145,13 @@ def _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constex
 
 # Mixed steps pass the prefill part as slices that start after the decodes, so these pointers' 16-byte
 # alignment varies from step to step; specialising on it would compile a second variant mid-run.
+# (The option exists since triton 3.2; older versions just compile that second variant.)
+_UNALIGNED = (["qsl_ptr", "seq_lens_ptr", "bt_ptr"]
+              if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters else None)
+
+
 @triton.jit(do_not_specialize=["stride_bts"],
-            do_not_specialize_on_alignment=["qsl_ptr", "seq_lens_ptr", "bt_ptr"])
+            **({"do_not_specialize_on_alignment": _UNALIGNED} if _UNALIGNED else {}))
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr,
