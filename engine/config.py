@@ -104,6 +104,7 @@ class EngineArgs:
     # CPU: a step with at least this much matmul work (GFLOP) computes on all the worker's intra-op threads,
     # a smaller one on one thread fewer, leaving that core to the HTTP server (see ModelRunner.step_threads).
     cpu_parallel_min_gflop: float = 1.0
+    cpu_prepack_weights: bool = True  # CPU: linear weights packed once for oneDNN (engine/models/linear.py)
     seed: int = 0
 
     def resolved_device(self) -> torch.device:

@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash-attn", "torch-flash", "triton", "torch"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    p.add_argument("--no-cpu-prepack-weights", dest="cpu_prepack_weights", action="store_false",
+                   help="CPU: multiply with torch's F.linear instead of oneDNN over weights packed at load time")
     p.add_argument("--cpu-parallel-min-gflop", type=float, default=1.0,
                    help="CPU: steps with less matmul work than this run on one intra-op thread fewer, leaving "
                         "that core to the server (0: always all threads)")
@@ -104,7 +106,7 @@ def main(argv=None) -> None:
         scheduler=args.scheduler, scheduler_knobs=knob_values(args, SCHEDULERS, args.scheduler),
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
-        cpu_parallel_min_gflop=args.cpu_parallel_min_gflop)
+        cpu_parallel_min_gflop=args.cpu_parallel_min_gflop, cpu_prepack_weights=args.cpu_prepack_weights)
     # Ray workers find their device on their node.
     devices = worker_devices(args) if args.data_parallel_backend == "mp" else ["auto"] * (args.workers or 1)
     tokenizer = load_tokenizer(model_path)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..parallel import TPGroup, check_shardable, shard_heads
+from .linear import Linear
 from .tp_layers import RowParallelLinear, VocabParallelEmbedding
 
 
@@ -90,7 +91,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -117,7 +118,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPGroup):
         super().__init__()
         self.intermediate = config.intermediate_size // tp.size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate, bias=False)
         self.down_proj = RowParallelLinear(self.intermediate, config.hidden_size, tp)
 
     def forward(self, x):
@@ -169,6 +170,14 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.norm(hidden)
         return (self.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
+
+    def prepack_weights(self) -> None:
+        """CPU: every linear layer's weight and the LM head's packed once for oneDNN (engine/models/linear.py).
+        After this the weights can no longer be loaded."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.prepack()
+        (self.embed_tokens if self.lm_head is None else self.lm_head).prepack_head(tied=self.lm_head is None)
 
     # ---- weights ----------------------------------------------------------------------------
     def weight_layout(self) -> dict[str, tuple[str, int, int, int, int]]:

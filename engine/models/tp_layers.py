@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel import TPGroup
+from .linear import Linear, linear, pack
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """y = x W^T, with x and W split along the input features (this rank's heads or MLP columns)."""
 
     def __init__(self, in_features_local: int, out_features: int, tp: TPGroup):
@@ -42,6 +43,15 @@ class VocabParallelEmbedding(nn.Module):
         x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return self.tp.all_reduce(x)  # each token's row comes from exactly one rank
 
+    head_weight: torch.Tensor | None = None  # the weight packed for the LM head (engine/models/linear.py)
+
+    def prepack_head(self, tied: bool) -> None:
+        if tied:  # the embedding lookup still needs the plain table
+            self.head_weight = pack(self.weight)
+        else:  # only ever the head: the packed weight replaces the table
+            self.weight = nn.Parameter(pack(self.weight), requires_grad=False)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float32 logits on every rank."""
-        return self.tp.all_gather(F.linear(hidden, self.weight).float())[..., :self.vocab_size]
+        weight = self.weight if self.head_weight is None else self.head_weight
+        return self.tp.all_gather(linear(hidden, weight).float())[..., :self.vocab_size]
