@@ -103,7 +103,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # ranks (processes, GPUs) per worker, each holding a shard of the model
     # CPU: a step with at least this much matmul work (GFLOP) computes on all the worker's intra-op threads,
     # a smaller one on one thread fewer, leaving that core to the HTTP server (see ModelRunner.step_threads).
-    cpu_parallel_min_gflop: float = 1.0
+    # Off by default: measured on a shared 2-core machine, steps on both cores ran several times slower.
+    cpu_parallel_min_gflop: float = float("inf")
     cpu_prepack_weights: bool = True  # CPU: linear weights packed once for oneDNN (engine/models/linear.py)
     seed: int = 0
 

@@ -191,9 +191,10 @@ class ModelRunner:
 
     def step_threads(self, layout: BatchLayout) -> int:
         """Intra-op threads for a CPU step: all the worker's for a step with enough matmul work, one fewer
-        for a small one. Between steps the server streams the last step's tokens on the last core; a
-        thread pool that needs that core too waits for it at every fork-join, which costs a small step
-        more than the extra thread gains it."""
+        for a smaller one. The server streams the last step's tokens and takes new requests on the last
+        core while a step runs; a thread pool that needs that core too waits for it at every fork-join.
+        Measured on the shared 2-core machine, steps on both cores ran 3-10x slower than on one (BENCHMARKS.md,
+        "Threads per step"), so by default no step takes the last core."""
         gflop = (self.flops_per_token * layout.num_tokens + self.flops_per_sample * layout.num_sampled) / 1e9
         return self.max_threads if gflop >= self.args.cpu_parallel_min_gflop else self.max_threads - 1
 

@@ -38,9 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     p.add_argument("--no-cpu-prepack-weights", dest="cpu_prepack_weights", action="store_false",
                    help="CPU: multiply with torch's F.linear instead of oneDNN over weights packed at load time")
-    p.add_argument("--cpu-parallel-min-gflop", type=float, default=1.0,
-                   help="CPU: steps with less matmul work than this run on one intra-op thread fewer, leaving "
-                        "that core to the server (0: always all threads)")
+    p.add_argument("--cpu-parallel-min-gflop", type=float, default=float("inf"),
+                   help="CPU: steps with at least this much matmul work run on all the worker's cores, smaller "
+                        "ones leave one core to the server (default: every step leaves it; 0: no step does)")
     p.add_argument("--workers", type=int, default=None,
                    help="engine workers (default: one per GPU, or per --tensor-parallel-size GPUs; else 1)")
     p.add_argument("--devices", default=None,
