@@ -26,8 +26,9 @@ model_dir() { case $1 in
     llama100m) $PYTHON benchmarks/random_model.py 2>/dev/null ;;
 esac; }
 load_format() { case $1 in demo) echo auto ;; llama100m) echo dummy ;; esac; }
-# requests and how many in flight: the small model at 64 in flight, the larger at 32 (each run under ~1 min).
-requests() { case $1 in demo) echo 256 ;; llama100m) echo 96 ;; esac; }
+# requests and how many in flight: the small model at 64 in flight, the larger at 32 (each client run about a
+# minute on the idle machine: the ~100M model computes about 25 GFLOP per request).
+requests() { case $1 in demo) echo 256 ;; llama100m) echo 48 ;; esac; }
 concurrency() { case $1 in demo) echo 64 ;; llama100m) echo 32 ;; esac; }
 
 wait_ready() {  # until /health answers, or the server process ($1) died
