@@ -29,6 +29,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if not weight.is_mkldnn:
         return F.linear(x, weight, bias)
+    if x.dim() == 2:  # the model's activations: [tokens, features]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [None], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 
