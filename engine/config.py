@@ -105,7 +105,9 @@ class EngineArgs:
     # a smaller one on one thread fewer, leaving that core to the HTTP server (see ModelRunner.step_threads).
     # Off by default: measured on a shared 2-core machine, steps on both cores ran several times slower.
     cpu_parallel_min_gflop: float = float("inf")
-    cpu_prepack_weights: bool = True  # CPU: linear weights packed once for oneDNN (engine/models/linear.py)
+    # CPU: linear weights packed once for oneDNN (engine/models/linear.py). Off by default: oneDNN keeps a
+    # primitive of about 0.6 MB per weight and distinct batch size, so memory grows with the shapes seen.
+    cpu_prepack_weights: bool = False
     seed: int = 0
 
     def resolved_device(self) -> torch.device:
