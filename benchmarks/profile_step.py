@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="sequences decoding in the profiled steps")
     p.add_argument("--input-len", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--cpu-prepack-weights", action="store_true")
     p.add_argument("--trace", default=None, help="write the decode step's chrome trace here")
     args = p.parse_args()
 
@@ -113,7 +113,7 @@ def main() -> None:
     if args.random_llama_100m:
         from benchmarks.random_model import ensure_random_model
         model, load_format = str(ensure_random_model()), "dummy"
-    llm = LLM(model, dtype="float32", load_format=load_format, enforce_eager=args.enforce_eager)
+    llm = LLM(model, dtype="float32", load_format=load_format, cpu_prepack_weights=args.cpu_prepack_weights)
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
