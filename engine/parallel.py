@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -25,14 +24,29 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import torch
 import torch.distributed as dist
+
+from .config import EngineArgs
 
 log = logging.getLogger(__name__)
 
 # Set in a worker process: there a dead rank ends the process, so the server sees one dead worker. In-process
 # (offline LLM) the group's next step raises instead.
 EXIT_ON_RANK_DEATH = False
+
+
+class RankLaunch(msgspec.Struct):
+    """What rank 0 tells a rank it starts, as JSON on the child's stdin."""
+    rank: int
+    size: int
+    port: int
+    model_path: str
+    args: EngineArgs
+    max_model_len: int
+    threads: int
+    log_level: int
 
 
 @dataclass
@@ -165,8 +179,8 @@ def start_group(model_path, args, max_model_len: int) -> TPGroup:
     for rank in range(1, size):
         child = subprocess.Popen([sys.executable, "-m", "engine.parallel"], stdin=subprocess.PIPE, env=env)
         rank_args = replace(args, device=str(rank_device(device, rank)))
-        child.stdin.write(pickle.dumps((rank, size, port, str(model_path), rank_args, max_model_len, threads,
-                                        logging.getLogger().level)))
+        child.stdin.write(msgspec.json.encode(RankLaunch(rank, size, port, str(model_path), rank_args, max_model_len,
+                                                         threads, logging.getLogger().level)))
         child.stdin.close()
         children.append(child)
     group = _join(0, size, port, device)
@@ -180,15 +194,16 @@ def start_group(model_path, args, max_model_len: int) -> TPGroup:
 
 def rank_main() -> None:
     """Ranks 1..N-1: load this rank's shard, then run the forward pass of every step rank 0 broadcasts."""
-    rank, size, port, model_path, args, max_model_len, threads, log_level = pickle.load(sys.stdin.buffer)
+    launch = msgspec.json.decode(sys.stdin.buffer.read(), type=RankLaunch)
     from .worker import detach_from_terminal
-    detach_from_terminal(f"halffull-tp{rank}")
-    logging.basicConfig(level=log_level, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
-    torch.set_num_threads(threads)
+    detach_from_terminal(f"halffull-tp{launch.rank}")
+    logging.basicConfig(level=launch.log_level, format=f"%(asctime)s tp-rank{launch.rank} %(levelname)s %(message)s")
+    torch.set_num_threads(launch.threads)
     from .config import ModelConfig
     from .model_runner import ModelRunner
-    group = _join(rank, size, port, args.resolved_device())
-    ModelRunner(ModelConfig.load(model_path, args.dtype), args, max_model_len, group).follow()
+    args = launch.args
+    group = _join(launch.rank, launch.size, launch.port, args.resolved_device())
+    ModelRunner(ModelConfig.load(launch.model_path, args.dtype), args, launch.max_model_len, group).follow()
     dist.destroy_process_group()
     logging.shutdown()
     os._exit(0)  # nothing left to finalise; tearing down torch's modules would only delay the worker's exit
