@@ -103,8 +103,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # ranks (processes, GPUs) per worker, each holding a shard of the model
     # CPU: a step with at least this much matmul work (GFLOP) computes on all the worker's intra-op threads,
     # a smaller one on one thread fewer, leaving that core to the HTTP server (see ModelRunner.step_threads).
-    # Off by default: measured on a shared 2-core machine, steps on both cores ran several times slower.
-    cpu_parallel_min_gflop: float = float("inf")
+    # None (the default): no step takes the last core; measured on a shared 2-core machine, steps on both
+    # cores ran several times slower.
+    cpu_parallel_min_gflop: float | None = None
     # CPU: linear weights packed once for oneDNN (engine/models/linear.py). Off by default: oneDNN keeps a
     # primitive of about 0.6 MB per weight and distinct batch size, so memory grows with the shapes seen.
     cpu_prepack_weights: bool = False

@@ -195,8 +195,11 @@ class ModelRunner:
         core while a step runs; a thread pool that needs that core too waits for it at every fork-join.
         Measured on the shared 2-core machine, steps on both cores ran 3-10x slower than on one (BENCHMARKS.md,
         "Threads per step"), so by default no step takes the last core."""
+        threshold = self.args.cpu_parallel_min_gflop
+        if threshold is None:
+            return self.max_threads - 1
         gflop = (self.flops_per_token * layout.num_tokens + self.flops_per_sample * layout.num_sampled) / 1e9
-        return self.max_threads if gflop >= self.args.cpu_parallel_min_gflop else self.max_threads - 1
+        return self.max_threads if gflop >= threshold else self.max_threads - 1
 
     def _fit_inputs(self, num_tokens: int, num_seqs: int) -> None:
         if num_tokens > self.inputs.max_tokens or num_seqs > self.inputs.max_seqs:

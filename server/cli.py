@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-prepack-weights", action="store_true",
                    help="CPU: multiply with oneDNN over weights packed at load time instead of F.linear (faster "
                         "at small batches; memory grows by ~0.6 MB per weight and distinct batch size)")
-    p.add_argument("--cpu-parallel-min-gflop", type=float, default=float("inf"),
+    p.add_argument("--cpu-parallel-min-gflop", type=float, default=None,
                    help="CPU: steps with at least this much matmul work run on all the worker's cores, smaller "
                         "ones leave one core to the server (default: every step leaves it; 0: no step does)")
     p.add_argument("--workers", type=int, default=None,
