@@ -22,7 +22,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--scheduler", default="fcfs")
     p.add_argument("--load-format", default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads, shared among the TP ranks")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--record", action="store_true", help="write the result into BENCHMARKS.md")
     args = p.parse_args()
 
@@ -31,7 +32,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from engine import LLM, SamplingParams
     llm = LLM(args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
-              scheduler=args.scheduler, load_format=args.load_format)
+              scheduler=args.scheduler, load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size)
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
@@ -46,10 +47,12 @@ def main() -> None:
     total = out_tokens + args.num_prompts * args.input_len
     c = llm.engine.model_config
     params_m = sum(p.numel() for p in llm.engine.runner.model.parameters()) / 1e6
+    tp = args.tensor_parallel_size
+    size = f"{params_m:.1f}M params" if tp == 1 else f"TP={tp}, {params_m:.1f}M params per rank"
     table = (f"| model | prompts × (in, out) | time | output tok/s | total tok/s | steps | ms/step |\n"
              f"|---|---|---|---|---|---|---|\n"
-             f"| {c.architecture} {params_m:.1f}M params, {str(c.dtype).removeprefix('torch.')}, "
-             f"{llm.engine.runner.device} | {args.num_prompts} × ({args.input_len}, {args.output_len}) | "
+             f"| {c.architecture} {size}, {str(c.dtype).removeprefix('torch.')}, {llm.engine.runner.device} | "
+             f"{args.num_prompts} × ({args.input_len}, {args.output_len}) | "
              f"{elapsed:.2f} s | {out_tokens / elapsed:,.0f} | {total / elapsed:,.0f} | {steps} | "
              f"{1000 * elapsed / steps:.1f} |")
     print(table)

@@ -100,6 +100,15 @@ class EngineArgs:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
+    tensor_parallel_size: int = 1  # ranks (processes, GPUs) per worker, each holding a shard of the model
+    # CPU: a step with at least this much matmul work (GFLOP) computes on all the worker's intra-op threads,
+    # a smaller one on one thread fewer, leaving that core to the HTTP server (see ModelRunner.step_threads).
+    # None (the default): no step takes the last core; measured on a shared 2-core machine, steps on both
+    # cores ran several times slower.
+    cpu_parallel_min_gflop: float | None = None
+    # CPU: linear weights packed once for oneDNN (engine/models/linear.py). Off by default: oneDNN keeps a
+    # primitive of about 0.6 MB per weight and distinct batch size, so memory grows with the shapes seen.
+    cpu_prepack_weights: bool = False
     seed: int = 0
 
     def resolved_device(self) -> torch.device:

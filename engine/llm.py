@@ -33,6 +33,10 @@ class LLM:
         self.tokenizer = load_tokenizer(self.model_path)
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (also done at exit); a process holds one group at a time."""
+        self.engine.runner.group.close()
+
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

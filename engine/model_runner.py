@@ -1,24 +1,26 @@
 """How a step runs: turn a StepPlan into one forward pass over a flattened batch, then sample.
 
-The runner owns the model and the physical KV cache tensors; from the plan it reads only token ids,
-positions and the block ids the KV block manager wrote into each request.
+The runner owns the model, the physical KV cache tensors and the step's input buffers; from the plan it
+reads only token ids, positions and the block ids the KV block manager wrote into each request.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from scheduling import StepPlan
+from scheduling import Chunk, Request, StepPlan
 
 from .attention import AttentionMetadata, make_backend
 from .config import EngineArgs, ModelConfig
-from .messages import SamplingParams
+from .models.linear import can_prepack
 from .models.loader import load_model
+from .parallel import TPGroup, check_shardable, start_group
 from .sampler import SamplingBatch, SamplingRow, prompt_logprobs, sample
+from .step_inputs import BatchLayout, InputBuffers
 
 log = logging.getLogger(__name__)
 
@@ -51,35 +53,109 @@ class ChunkResult:
     prompt_logprobs: list | None = None  # one entry per prompt position this chunk scored
 
 
+@dataclass
+class StepInputs:
+    """A step after `prepare`: its batch in the input buffers, and what sampling and scoring need."""
+    layout: BatchLayout
+    graph_batch: int | None  # the captured batch size to replay, or None to run eagerly
+    sampled: list[int]  # chunks whose last token is sampled, in plan order
+    sampling_rows: list[SamplingRow]
+    scored: list[tuple[int, int, int]]  # (chunk, first flat index, count) of prompt tokens to score
+    scored_next_tokens: list[int]  # the token after each scored position
+    max_prompt_logprobs: int
+
+    @classmethod
+    def forward_only(cls, layout: BatchLayout) -> StepInputs:
+        """An eager step whose outputs nobody samples (kernel warm-up, tests)."""
+        return cls(layout, None, [], [], [], [], 0)
+
+
 class ModelRunner:
-    def __init__(self, config: ModelConfig, args: EngineArgs, max_model_len: int):
+    """A step in three stages: `prepare` (the plan's inputs into the staging buffers, shared by the eager
+    and the CUDA-graph paths), `forward` (graph replay or eager), `sample_and_score` (the sampler and
+    prompt logprobs, with the step's host synchronisation).
+
+    Under tensor parallelism rank 0's runner (`group` None: it starts the group) runs `execute` and
+    broadcasts each step's inputs between `prepare` and `forward`; the other ranks' runners run `follow`."""
+
+    def __init__(self, config: ModelConfig, args: EngineArgs, max_model_len: int, group: TPGroup | None = None):
         self.config = config
         self.args = args
         self.device = args.resolved_device()
         if self.device.type == "cpu":
             retain_freed_memory()
+        if group is None and args.tensor_parallel_size > 1:
+            check_shardable(config, args.tensor_parallel_size)
+            group = start_group(config.path, args, max_model_len)
+        self.group = group or TPGroup()
+        try:
+            self._load(config, args, max_model_len)
+        except BaseException:
+            self.group.close(kill=True)  # the other ranks may wait in a collective this rank never reaches
+            raise
+
+    def _load(self, config: ModelConfig, args: EngineArgs, max_model_len: int) -> None:
         self.block_size = args.block_size
+        self.max_model_len = max_model_len
         self.backend = make_backend(args.attention_backend, self.device, args.block_size)
         torch.manual_seed(args.seed)
         self.model = load_model(config, self.backend, self.device, max_model_len,
-                                random_weights=args.load_format == "dummy")
-        self.num_blocks = self._num_kv_blocks()
+                                random_weights=args.load_format == "dummy", tp=self.group)
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
+        # Per-step intra-op threads (CPU, one rank): see step_threads.
+        self.max_threads = torch.get_num_threads()
+        self.flops_per_token = 2 * sum(p.numel() for n, p in self.model.named_parameters()
+                                       if "layers." in n and p.dim() == 2)
+        self.flops_per_sample = 2 * config.vocab_size * config.hidden_size
+        if args.cpu_prepack_weights and can_prepack(self.device, config.dtype):
+            self.model.prepack_weights()
+        self.num_blocks = self.group.min(self._num_kv_blocks())  # every rank holds the same blocks
         # One block more than the KV manager hands out: a scratch block that padded rows of a
         # CUDA-graph batch write into, so no real block is ever touched by padding.
-        shape = (self.num_blocks + 1, self.block_size, config.num_kv_heads, config.head_dim)
+        shape = (self.num_blocks + 1, self.block_size, self.num_kv_heads, config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=config.dtype, device=self.device),
                            torch.zeros(shape, dtype=config.dtype, device=self.device))
                           for _ in range(config.num_layers)]
+        self.use_graphs = (self.device.type == "cuda" and not args.enforce_eager
+                           and getattr(self.backend, "supports_cuda_graphs", False))
+        self.graph_max_batch = min(args.max_num_seqs, 512) if self.use_graphs else 0
+        self.inputs: InputBuffers | None = None
         self.graphs = None
-        if self.device.type == "cuda" and not args.enforce_eager and self.backend.name != "torch":
+        self._make_inputs(max(args.max_num_batched_tokens or 0, args.max_num_seqs), args.max_num_seqs)
+        if self.device.type == "cuda":
+            self._warm_up()
+
+    def _make_inputs(self, max_tokens: int, max_seqs: int) -> None:
+        """(Re)build the staging buffers, and the graphs captured over them."""
+        max_seqs = max(max_seqs, self.graph_max_batch)
+        self.inputs = InputBuffers(max(max_tokens, max_seqs), max_seqs, -(-self.max_model_len // self.block_size),
+                                   self.block_size, self.num_blocks, self.device)
+        if self.use_graphs:
             from .cuda_graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, min(args.max_num_seqs, 512), max_model_len,
-                                       self.block_size, self.num_blocks, self.device)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.inputs, self.graph_max_batch,
+                                       self.max_model_len, self.device)
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile every kernel variant a step can launch before the first request is timed: the decode
+        kernel per split count (a power of two chosen from the context length), prefill, mixed steps."""
+        def chunk(seq_len: int, num_tokens: int) -> Chunk:  # a context that lives in the scratch block only
+            r = Request("warm-up", [0] * seq_len, 1, 0.0)
+            r.block_ids = [self.num_blocks] * -(-seq_len // self.block_size)
+            return Chunk(r, seq_len - num_tokens, num_tokens)
+
+        contexts = sorted({min(self.max_model_len, 256 << k) for k in range(5)})
+        steps = [[chunk(n, 1)] for n in contexts] + [[chunk(32, 32)], [chunk(64, 1), chunk(48, 16)]]
+        for chunks in steps:
+            if sum(c.num_tokens for c in chunks) > self.inputs.max_tokens:
+                continue  # a budget this small never runs such a step
+            self.forward(StepInputs.forward_only(self.inputs.write(chunks, len(chunks), [])))
+        torch.cuda.synchronize(self.device)
 
     @property
     def block_bytes(self) -> int:
         c = self.config
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * c.dtype.itemsize
+        return 2 * c.num_layers * self.block_size * self.num_kv_heads * c.head_dim * c.dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         a = self.args
@@ -103,75 +179,120 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[ChunkResult]:
-        """Run the plan; results are aligned with plan.chunks."""
-        # Decodes first: the attention backends take them as one batch.
-        order = sorted(range(len(plan.chunks)), key=lambda i: plan.chunks[i].num_tokens != 1)
-        chunks = [plan.chunks[i] for i in order]
-        tokens, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
-        sample_index, sample_rows = [], []
-        scored = []  # (chunk position in `chunks`, flat indices, next tokens, k) for prompt logprobs
-        bs = self.block_size
-        for ci, chunk in enumerate(chunks):
-            req, start, n = chunk.request, chunk.start, chunk.num_tokens
-            base = len(tokens)
-            tokens += req.token_ids[start:start + n]
-            positions += range(start, start + n)
-            blocks = req.block_ids
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            tables.append(blocks)
-            params: SamplingParams = req.payload
-            if chunk.samples:
-                sample_index.append(base + n - 1)
-                sample_rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids,
-                                               self.config.eos_token_ids))
+        """Run the plan (decodes first, as the scheduler guarantees); results are aligned with plan.chunks."""
+        step = self.prepare(plan.chunks)
+        if self.group.size > 1:
+            self._broadcast(step)
+        elif self.device.type == "cpu" and self.max_threads > 1:
+            threads = self.step_threads(step.layout)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+        return self.sample_and_score(plan.chunks, step, self.forward(step))
+
+    def step_threads(self, layout: BatchLayout) -> int:
+        """Intra-op threads for a CPU step: all the worker's for a step with enough matmul work, one fewer
+        for a smaller one. The server streams the last step's tokens and takes new requests on the last
+        core while a step runs; a thread pool that needs that core too waits for it at every fork-join.
+        Measured on the shared 2-core machine, steps on both cores ran 3-10x slower than on one (BENCHMARKS.md,
+        "Threads per step"), so by default no step takes the last core."""
+        threshold = self.args.cpu_parallel_min_gflop
+        if threshold is None:
+            return self.max_threads - 1
+        gflop = (self.flops_per_token * layout.num_tokens + self.flops_per_sample * layout.num_sampled) / 1e9
+        return self.max_threads if gflop >= threshold else self.max_threads - 1
+
+    def _fit_inputs(self, num_tokens: int, num_seqs: int) -> None:
+        if num_tokens > self.inputs.max_tokens or num_seqs > self.inputs.max_seqs:
+            # A policy whose own budget exceeds the engine's (e.g. a token-budget knob): grow once.
+            log.warning("a step of %d tokens in %d sequences outgrows the input buffers; growing them",
+                        num_tokens, num_seqs)
+            self._make_inputs(max(num_tokens, self.inputs.max_tokens), max(num_seqs, self.inputs.max_seqs))
+
+    def _broadcast(self, step: StepInputs | None) -> StepInputs | None:
+        """Rank 0 sends the step (None: stop), the others receive it; then the input buffers it filled."""
+        step = self.group.broadcast(None if step is None else replace(step, sampling_rows=[], scored_next_tokens=[]))
+        if step is not None:
+            self._fit_inputs(step.layout.num_tokens, step.layout.num_seqs)
+            for t in self.inputs.step_tensors(step.layout):
+                self.group.broadcast_tensor(t)
+        return step
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks 1..N-1: run each step rank 0 broadcasts, until it says stop."""
+        while (step := self._broadcast(None)) is not None:
+            self.logits(step, self.forward(step))
+
+    def prepare(self, chunks: list[Chunk]) -> StepInputs:
+        num_tokens = sum(c.num_tokens for c in chunks)
+        self._fit_inputs(num_tokens, len(chunks))
+        graph_batch = None
+        if self.graphs is not None and num_tokens == len(chunks):
+            graph_batch = self.graphs.bucket(len(chunks))
+        sampled = [i for i, c in enumerate(chunks) if c.samples]
+        layout = self.inputs.write(chunks, graph_batch or len(chunks), sampled)
+        eos = self.config.eos_token_ids
+        rows = [SamplingRow(r.payload, r.prompt_token_ids, r.output_token_ids, eos)
+                for r in (chunks[i].request for i in sampled)]
+        scored, next_tokens, max_k, base = [], [], 0, 0
+        for i, c in enumerate(chunks):
+            req, params = c.request, c.request.payload
             if (params.prompt_logprobs is not None and req.num_output_tokens == 0
-                    and start < req.num_prompt_tokens - 1):
-                end = min(start + n, req.num_prompt_tokens - 1)
-                scored.append((ci, list(range(base, base + end - start)),
-                               req.prompt_token_ids[start + 1:end + 1], params.prompt_logprobs))
-        dev = self.device
-        if self.graphs is not None and len(query_lens) == len(tokens) <= self.graphs.max_batch:
-            hidden = self.graphs.run(tokens, positions, slots, seq_lens, tables)
-        else:
-            hidden = self._forward_eager(tokens, positions, slots, query_lens, seq_lens, tables)
+                    and c.start < req.num_prompt_tokens - 1):
+                end = min(c.start + c.num_tokens, req.num_prompt_tokens - 1)
+                scored.append((i, base, end - c.start))
+                next_tokens += req.prompt_token_ids[c.start + 1:end + 1]
+                max_k = max(max_k, params.prompt_logprobs)
+            base += c.num_tokens
+        return StepInputs(layout, graph_batch, sampled, rows, scored, next_tokens, max_k)
 
-        results = [ChunkResult() for _ in chunks]
-        if sample_index:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=dev)])
-            out = sample(logits, SamplingBatch(sample_rows, dev))
-            sampling_chunks = [ci for ci, c in enumerate(chunks) if c.samples]
-            for j, ci in enumerate(sampling_chunks):
-                results[ci].token = out.token_ids[j]
-                results[ci].logprobs = out.logprobs[j]
-        for ci, index, next_tokens, k in scored:
-            logits = self.model.compute_logits(hidden[torch.tensor(index, device=dev)])
-            results[ci].prompt_logprobs = prompt_logprobs(logits, torch.tensor(next_tokens, device=dev), k)
-        # Back to the plan's order.
-        aligned: list[ChunkResult] = [ChunkResult()] * len(chunks)
-        for pos_in_sorted, original in enumerate(order):
-            aligned[original] = results[pos_in_sorted]
-        return aligned
-
-    def _upload(self, values, dtype) -> torch.Tensor:
-        """A host list or tensor on the device; through pinned memory on CUDA, so the copy is async."""
-        host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
-
-    def _forward_eager(self, tokens, positions, slots, query_lens, seq_lens, tables) -> torch.Tensor:
-        width = max(len(t) for t in tables)
-        table = torch.zeros((len(tables), width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        """Hidden states of every token of the step (graph steps: of every padded row)."""
+        if step.graph_batch is not None:
+            return self.graphs.replay(step.graph_batch)
+        b, lay = self.inputs, step.layout
+        t, s = lay.num_tokens, lay.num_seqs
         meta = AttentionMetadata(
-            slot_mapping=self._upload(slots, torch.int64), query_start_loc=self._upload(qsl, torch.int32),
-            seq_lens=self._upload(seq_lens, torch.int32), block_tables=self._upload(table, torch.int32),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            num_decodes=sum(1 for q in query_lens if q == 1), query_lens_host=query_lens, seq_lens_host=seq_lens)
-        return self.model(self._upload(tokens, torch.int64), self._upload(positions, torch.int64), self.kv_caches, meta)
+            slot_mapping=b.slots_dev[:t], query_start_loc=b.qsl_dev[:s + 1], seq_lens=b.seq_lens_dev[:s],
+            block_tables=b.tables_dev[:s], max_query_len=max(lay.query_lens), max_seq_len=max(lay.seq_lens),
+            num_decodes=lay.num_decodes, query_lens_host=lay.query_lens, seq_lens_host=lay.seq_lens)
+        return self.model(b.ids_dev[:t], b.positions_dev[:t], self.kv_caches, meta)
+
+    def logits(self, step: StepInputs, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The logits of the sampled rows and of the scored prompt positions (all of them in one pass). On
+        every rank: the LM head is split over the ranks."""
+        sampled = scored = None
+        if step.sampled:
+            sampled = self.model.compute_logits(hidden[self.inputs.sample_index_dev[:len(step.sampled)]])
+        if step.scored:
+            index = [first + k for _, first, count in step.scored for k in range(count)]
+            scored = self.model.compute_logits(hidden[self._upload(index, torch.int64)])
+        return sampled, scored
+
+    def sample_and_score(self, chunks: list[Chunk], step: StepInputs, hidden: torch.Tensor) -> list[ChunkResult]:
+        """Sampled tokens and prompt logprobs on the host. Sampling ends in the step's one synchronisation
+        (a step that also scores prompt tokens, for `prompt_logprobs`, adds one); a step with neither
+        synchronises anyway, so the step time the scheduler measures is this step's own."""
+        results = [ChunkResult() for _ in chunks]
+        if not step.sampled and not step.scored and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        sampled_logits, scored_logits = self.logits(step, hidden)
+        if step.sampled:
+            out = sample(sampled_logits, SamplingBatch(step.sampling_rows, self.device))
+            for j, i in enumerate(step.sampled):
+                results[i].token = out.token_ids[j]
+                results[i].logprobs = out.logprobs[j]
+        if step.scored:
+            entries = prompt_logprobs(scored_logits, self._upload(step.scored_next_tokens, torch.int64),
+                                      step.max_prompt_logprobs)
+            offset = 0
+            for i, _, count in step.scored:
+                k = chunks[i].request.payload.prompt_logprobs
+                results[i].prompt_logprobs = [(lp, ids[:k], vals[:k]) for lp, ids, vals in entries[offset:offset + count]]
+                offset += count
+        return results
+
+    def _upload(self, values: list[int], dtype) -> torch.Tensor:
+        """A host list on the device; through pinned memory on CUDA, so the copy does not block."""
+        host = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)

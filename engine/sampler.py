@@ -1,5 +1,6 @@
 """Token sampling on the device for a whole batch: penalties, temperature, top-k/top-p/min-p,
-per-request seeds, logprobs. One host transfer per step, at the end."""
+per-request seeds, logprobs. Inputs go up with non-blocking copies; one host synchronisation per
+step, at the end."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ import torch
 from .messages import SamplingParams
 
 _MASK = 2**63 - 1
+
+
+def to_device(values, device: torch.device, dtype=None) -> torch.Tensor:
+    """Host values on the device without blocking the host: through pinned memory on CUDA."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
+def to_host(*tensors: torch.Tensor) -> list:
+    """Device tensors as host lists, after a single synchronisation (the step's only one)."""
+    if tensors and tensors[0].device.type == "cuda":
+        copies = [t.to("cpu", non_blocking=True) for t in tensors]
+        torch.cuda.current_stream(tensors[0].device).synchronize()
+        tensors = copies
+    return [t.tolist() for t in tensors]
 
 
 @dataclass
@@ -35,15 +50,14 @@ class SamplingBatch:
         self.device = device
         params = [r.params for r in rows]
         self.all_greedy = all(p.greedy for p in params)
-        self.temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
-                                        dtype=torch.float32, device=device)
-        self.greedy_mask = torch.tensor([p.greedy for p in params], device=device)
-        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
-        self.top_k = torch.tensor(top_k, device=device) if any(top_k) else None
-        self.top_p = (torch.tensor([p.top_p for p in params], device=device)
-                      if any(p.top_p < 1.0 for p in params) else None)
-        self.min_p = (torch.tensor([p.min_p for p in params], device=device)
-                      if any(p.min_p > 0.0 for p in params) else None)
+        if not self.all_greedy:  # a greedy batch needs none of these: the argmax alone
+            self.temperature = to_device([p.temperature if not p.greedy else 1.0 for p in params], device,
+                                         torch.float32)
+            self.greedy_mask = to_device([p.greedy for p in params], device)
+            top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+            self.top_k = to_device(top_k, device) if any(top_k) else None
+            self.top_p = to_device([p.top_p for p in params], device) if any(p.top_p < 1.0 for p in params) else None
+            self.min_p = to_device([p.min_p for p in params], device) if any(p.min_p > 0.0 for p in params) else None
         self.has_penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                                  for p in params)
         self.max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
@@ -57,10 +71,8 @@ class SamplingBatch:
         width = max((len(s) for s in seqs), default=0)
         counts = torch.zeros(len(seqs), vocab + 1, device=self.device)
         if width:
-            padded = torch.full((len(seqs), width), vocab, dtype=torch.int64)  # pad into a spare column
-            for i, s in enumerate(seqs):
-                padded[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
-            padded = padded.to(self.device)
+            padded = to_device([s + [vocab] * (width - len(s)) for s in seqs], self.device,
+                               torch.int64)  # pad into a spare column
             counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
         return counts[:, :vocab]
 
@@ -68,14 +80,14 @@ class SamplingBatch:
         vocab = logits.shape[1]
         params = [r.params for r in self.rows]
         # Which penalties apply is decided on the host: a device-side test would cost a sync.
-        rep = torch.tensor([p.repetition_penalty for p in params], device=self.device)[:, None]
+        rep = to_device([p.repetition_penalty for p in params], self.device)[:, None]
         if any(p.repetition_penalty != 1.0 for p in params):
             seen = self._token_counts(vocab, "all") > 0
             penalized = torch.where(logits > 0, logits / rep, logits * rep)
             logits = torch.where(seen, penalized, logits)
         if any(p.frequency_penalty or p.presence_penalty for p in params):
-            freq = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
-            presence = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
+            freq = to_device([p.frequency_penalty for p in params], self.device)[:, None]
+            presence = to_device([p.presence_penalty for p in params], self.device)[:, None]
             counts = self._token_counts(vocab, "output")
             logits = logits - freq * counts - presence * (counts > 0).float()
         return logits
@@ -106,8 +118,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = batch.apply_penalties(logits)
     if batch.banned:
         logits = logits.clone()
-        for i, tokens in batch.banned:
-            logits[i, tokens] = float("-inf")
+        rows = [i for i, tokens in batch.banned for _ in tokens]
+        cols = [t for _, tokens in batch.banned for t in tokens]
+        logits[to_device(rows, batch.device), to_device(cols, batch.device)] = float("-inf")
     tokens = logits.argmax(dim=-1)
     if not batch.all_greedy:
         scaled = logits / batch.temperature[:, None]
@@ -128,24 +141,26 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         sampled = (probs / batch.exponential_noise(probs.shape)).argmax(dim=-1)
         tokens = torch.where(batch.greedy_mask, tokens, sampled)
     logprobs: list = [None] * len(batch.rows)
-    if raw_logprobs is not None:
-        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-        top_vals, top_ids = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
-        chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
-        for i, row in enumerate(batch.rows):
-            k = row.params.logprobs
-            if k is not None:
-                logprobs[i] = (chosen[i], top_ids[i][:k], top_vals[i][:k])
-    return SamplerOutput(tokens.tolist(), logprobs)
+    if raw_logprobs is None:
+        return SamplerOutput(to_host(tokens)[0], logprobs)
+    chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    top_vals, top_ids = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
+    token_ids, chosen, top_vals, top_ids = to_host(tokens, chosen, top_vals, top_ids)
+    for i, row in enumerate(batch.rows):
+        k = row.params.logprobs
+        if k is not None:
+            logprobs[i] = (chosen[i], top_ids[i][:k], top_vals[i][:k])
+    return SamplerOutput(token_ids, logprobs)
 
 
 def prompt_logprobs(logits: torch.Tensor, next_tokens: torch.Tensor, k: int):
     """Logprob of each next prompt token under the logits before it, with the top-k alternatives."""
     lp = torch.log_softmax(logits, dim=-1)
-    chosen = lp.gather(1, next_tokens[:, None]).squeeze(1).tolist()
+    chosen = lp.gather(1, next_tokens[:, None]).squeeze(1)
     if k > 0:
         vals, ids = lp.topk(k, dim=-1)
-        vals, ids = vals.tolist(), ids.tolist()
+        chosen, vals, ids = to_host(chosen, vals, ids)
     else:
+        chosen, = to_host(chosen)
         vals = ids = [[] for _ in chosen]
     return list(zip(chosen, ids, vals))

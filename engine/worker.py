@@ -43,7 +43,14 @@ def worker_main(spec: WorkerSpec) -> None:
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.worker_id} %(levelname)s %(message)s")
     import torch
     torch.set_num_threads(spec.threads)
+    device = spec.engine_args.resolved_device()
+    if device.type == "cuda":
+        # This worker's GPU becomes the process's current device: Triton launches on the current
+        # device's stream and CUDA-graph capture uses it, so workers on cuda:1+ need it set.
+        torch.cuda.set_device(device)
+    from . import parallel
     from .engine_core import EngineCore
+    parallel.EXIT_ON_RANK_DEATH = True
 
     inq = ShmQueue.attach(spec.inbox, ToWorker)
     outq = ShmQueue.attach(spec.outbox, FromWorker)
@@ -111,9 +118,9 @@ class Worker:
 
 
 def cpu_threads_per_worker(num_workers: int) -> int:
-    """Intra-op threads per worker: the cores left after one for the server and balancer, shared.
-    A torch thread pool that competes with the server for a core stalls every step it waits on."""
-    return max(1, ((os.cpu_count() or 1) - 1) // max(num_workers, 1))
+    """The most intra-op threads a worker computes on: its share of the cores. Steps too small to gain
+    from the last one leave it to the server (ModelRunner.step_threads)."""
+    return max(1, (os.cpu_count() or 1) // max(num_workers, 1))
 
 
 def detach_from_terminal(name: str) -> None:

@@ -7,6 +7,7 @@ a tensor: `now` and measured step times are passed in, so the simulator drives t
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -49,6 +50,12 @@ class StepPlan:
 
     def __bool__(self) -> bool:
         return bool(self.chunks)
+
+    def put_decodes_first(self) -> None:
+        """Chunks of one new token go first, each group keeping the policy's order: the model runner
+        hands them to the attention backends as one decode batch."""
+        if any(a.num_tokens != 1 and b.num_tokens == 1 for a, b in zip(self.chunks, self.chunks[1:])):
+            self.chunks.sort(key=lambda c: c.num_tokens != 1)
 
 
 @dataclass
@@ -120,7 +127,22 @@ class Scheduler:
         self._finish(request, "abort", None)
         return request
 
+    def __init_subclass__(cls, **kwargs):
+        # Every policy's plan comes out decodes first, whatever order the policy built it in: the
+        # guarantee lives here once instead of in each policy (or in the model runner, re-sorting).
+        super().__init_subclass__(**kwargs)
+        if "schedule" in cls.__dict__:
+            policy_schedule = cls.__dict__["schedule"]
+
+            @functools.wraps(policy_schedule)
+            def schedule(self, now: float) -> StepPlan:
+                plan = policy_schedule(self, now)
+                plan.put_decodes_first()
+                return plan
+            cls.schedule = schedule
+
     def schedule(self, now: float) -> StepPlan:
+        """This step's plan; its chunks come decodes first (one new token each), then the rest."""
         raise NotImplementedError
 
     def update(self, plan: StepPlan, sampled: list[int | None], now: float,

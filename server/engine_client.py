@@ -52,6 +52,7 @@ class WorkerSlot:
     ready: WorkerReady | None = None
     alive: bool = False
     restarts: int = 0
+    node: str = "local"  # the node the worker runs on, as /metrics labels it
 
 
 class EngineClient:

@@ -17,7 +17,7 @@ class ReportCollector:
         self.client, self.model = client, model_name
 
     def collect(self):
-        labels = ["model_name", "worker"]
+        labels = ["model_name", "worker", "node"]  # node: where the worker runs ("local": on this machine)
 
         def family(kind, name, doc):
             return kind(name, doc, labels=labels)
@@ -47,7 +47,7 @@ class ReportCollector:
         decisions = CounterMetricFamily("halffull:scheduler_decisions", "Scheduling policy decisions.",
                                         labels=labels + ["decision"])
         for w in self.client.workers:
-            lv = [self.model, str(w.worker_id)]
+            lv = [self.model, str(w.worker_id), w.node]
             up.add_metric(lv, 1.0 if w.alive else 0.0)
             restarts.add_metric(lv, w.restarts)
             r = self.client.reports.get(w.worker_id)

@@ -12,18 +12,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # Keep each test process on few threads: CI has two cores and several processes run at once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The Triton kernels are tested on CPU through Triton's interpreter, which is chosen when triton is first
-# imported; transformers imports it long before tests/test_triton_kernels.py is collected.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def build_tiny_model(arch: str, path: Path, vocab_size: int = 512, tie: bool = False) -> Path:
+def cuda_present() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels are tested on CPU through Triton's interpreter, which is chosen when
+# triton is first imported; transformers imports it long before tests/test_triton_kernels.py is
+# collected. With a GPU they compile for real: the engine tests then run the fast path with CUDA graphs,
+# which the interpreter could not be captured in.
+if not cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def build_tiny_model(arch: str, path: Path, vocab_size: int = 512, tie: bool = False, num_kv_heads: int = 2) -> Path:
     """Save a tiny random model of `arch` (llama, mistral, qwen2, qwen3) to `path`."""
     import torch
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=1024,
                   tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
         config = tf.LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -1,6 +1,6 @@
 """The OpenAI-compatible API, through the official SDK against a real `python -m server`
-(demo model, two CPU workers): once per engine-level scheduling policy (behind round-robin), and
-once per token-aware balancer (over FCFS)."""
+(demo model, two CPU workers): once per engine-level scheduling policy (behind round-robin), once
+per token-aware balancer (over FCFS), and once with each worker a tensor-parallel group of two ranks."""
 
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ from scheduling import SCHEDULERS
 from server_utils import ServerProcess
 
 SCHEDULERS_UNDER_TEST = os.environ.get("HALFFULL_TEST_SCHEDULERS", ",".join(sorted(SCHEDULERS))).split(",")
-POLICIES = [(s, "round-robin") for s in SCHEDULERS_UNDER_TEST] + [("fcfs", "sal"), ("fcfs", "scls")]
+# (scheduler, balancer, tensor-parallel size)
+POLICIES = ([(s, "round-robin", 1) for s in SCHEDULERS_UNDER_TEST] + [("fcfs", "sal", 1), ("fcfs", "scls", 1)]
+            + [("fcfs", "round-robin", 2)])
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
 
 
-@pytest.fixture(scope="module", params=POLICIES, ids=lambda p: f"{p[0]}+{p[1]}")
+@pytest.fixture(scope="module", params=POLICIES, ids=lambda p: f"{p[0]}+{p[1]}" + (f"+tp{p[2]}" if p[2] > 1 else ""))
 def server(request):
-    scheduler, balancer = request.param
+    scheduler, balancer, tp = request.param
     s = ServerProcess("--workers", "2", "--scheduler", scheduler, "--balancer", balancer, "--num-kv-blocks", "512",
-                      "--max-model-len", "1024")
+                      "--max-model-len", "1024", "--tensor-parallel-size", str(tp))
     yield s
     assert s.stop() == 0, s.output()
 

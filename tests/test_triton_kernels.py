@@ -1,4 +1,7 @@
-"""Triton paged-attention kernels vs a dense torch reference, run on CPU through the Triton interpreter."""
+"""Triton paged-attention kernels vs a dense torch reference: on CPU through the Triton interpreter, on
+a CUDA GPU compiled (conftest sets TRITON_INTERPRET only where no GPU is present). The tests at the end
+need the compiled kernels: they compare them with the torch reference backend at model-like shapes and
+check that no kernel recompiles once the variants are warm."""
 
 from types import SimpleNamespace
 
@@ -12,12 +15,19 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from engine.attention import triton_kernels as tk  # noqa: E402
 
-# tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton: @triton.jit (triton's own helpers
-# included) picks the interpreter at definition time. Without it, tl.sum, tl.max, ... are compiled-mode
-# objects and cannot run on CPU tensors.
-if not (tk.INTERPRETED and isinstance(triton.language.sum, InterpretedFunction)):
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run the tests with TRITON_INTERPRET=1",
-                allow_module_level=True)
+# On CPU, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton: @triton.jit (triton's own
+# helpers included) picks the interpreter at definition time. Without it, tl.sum, tl.max, ... are
+# compiled-mode objects that run only on a GPU.
+if tk.INTERPRETED and isinstance(triton.language.sum, InterpretedFunction):
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("no CUDA GPU and triton was imported before TRITON_INTERPRET=1 was set; run the tests with "
+                "TRITON_INTERPRET=1", allow_module_level=True)
+COMPILED = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: checks the compiled Triton kernels "
+                                                       "(this run interprets them on CPU)")
+from engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -53,18 +63,22 @@ def make_batch(seq_lens, q_lens, num_kv_heads, group, head_dim, block_size, dtyp
             else:
                 slots.append(blk * block_size + off)
     T = sum(q_lens)
-    return dict(
+    batch = dict(
         q=rnd(T, num_heads, head_dim), k=rnd(T, num_kv_heads, head_dim), v=rnd(T, num_kv_heads, head_dim),
         k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
         slot_mapping=torch.tensor(slots, dtype=torch.int64),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         query_start_loc=torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32),
-        max_query_len=max(q_lens), max_seq_len=max(seq_lens),
     )
+    batch = {name: t.to(DEVICE) for name, t in batch.items()}
+    return dict(batch, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
 
 
 def reference(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale):
-    """Dense causal attention per sequence in float32; new queries are the last q_len context positions."""
+    """Dense causal attention per sequence in float32, on the CPU; new queries are the last q_len context
+    positions."""
+    q, k_cache, v_cache, query_start_loc, seq_lens, block_tables = (
+        t.cpu() for t in (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables))
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
     out = torch.zeros(q.shape, dtype=torch.float32)
@@ -112,7 +126,7 @@ def test_prefill(head_dim, group, block_size, dtype):
     b = make_batch(seq_lens, q_lens, 2, group, head_dim, block_size, dtype, seed=head_dim + group)
     scale = head_dim ** -0.5
     out = run_prefill(b, scale)
-    torch.testing.assert_close(out.float(), ref_of(b, scale), **TOL[dtype])
+    torch.testing.assert_close(out.float().cpu(), ref_of(b, scale), **TOL[dtype])
 
 
 @pytest.mark.parametrize("head_dim,group,block_size,dtype,num_splits", [
@@ -131,7 +145,7 @@ def test_decode(head_dim, group, block_size, dtype, num_splits):
     out = torch.empty_like(b["q"])
     tk.paged_decode_attention(b["q"], b["k_cache"], b["v_cache"], b["seq_lens"], b["block_tables"], scale, out,
                               num_splits=num_splits)
-    torch.testing.assert_close(out.float(), ref_of(b, scale), **TOL[dtype])
+    torch.testing.assert_close(out.float().cpu(), ref_of(b, scale), **TOL[dtype])
 
 
 def test_decode_padding_sequence_and_large_logits():
@@ -147,16 +161,16 @@ def test_decode_padding_sequence_and_large_logits():
         tk.paged_decode_attention(b["q"], b["k_cache"], b["v_cache"], b["seq_lens"], b["block_tables"], 0.25,
                                   out, num_splits=splits)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
-        torch.testing.assert_close(out[:1], ref_of(b, 0.25)[:1], **TOL[torch.float32])
+        torch.testing.assert_close(out[:1].cpu(), ref_of(b, 0.25)[:1], **TOL[torch.float32])
 
 
 def test_store_kv_skips_negative_slots():
     num_blocks, bs, hkv, d = 4, 16, 3, 32  # non-power-of-two head count exercises the head mask
-    k_cache = torch.zeros(num_blocks, bs, hkv, d, dtype=torch.bfloat16)
+    k_cache = torch.zeros(num_blocks, bs, hkv, d, dtype=torch.bfloat16, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
-    k = torch.randn(4, hkv, d).to(torch.bfloat16)
-    v = torch.randn(4, hkv, d).to(torch.bfloat16)
-    slots = torch.tensor([5, -1, 2 * bs + 15, 3 * bs], dtype=torch.int64)
+    k = torch.randn(4, hkv, d).to(torch.bfloat16).to(DEVICE)
+    v = torch.randn(4, hkv, d).to(torch.bfloat16).to(DEVICE)
+    slots = torch.tensor([5, -1, 2 * bs + 15, 3 * bs], dtype=torch.int64, device=DEVICE)
     tk.store_kv(k, v, k_cache, v_cache, slots)
     exp_k, exp_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     for t, slot in enumerate(slots.tolist()):
@@ -175,19 +189,20 @@ def test_backend_forward_prefill_mixed_decode_with_strided_qkv():
     k_cache, v_cache, tables = b["k_cache"], b["v_cache"], b["block_tables"]
 
     def step(q_lens, seq_lens, slot_mapping, q, k, v, **flags):
-        qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+        qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         meta = SimpleNamespace(slot_mapping=slot_mapping, query_start_loc=qsl, block_tables=tables,
-                               seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                               seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
                                max_query_len=max(q_lens), max_seq_len=max(seq_lens), **flags)
         out = backend.forward(q, k, v, k_cache, v_cache, meta, scale)
         ref = reference(q, k_cache, v_cache, qsl, meta.seq_lens, tables, scale)
-        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+        torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
     def appended(seq_lens, q_lens):  # slots, q, k, v for q_lens new tokens after each current context
         slots = [int(tables[s, p // bs]) * bs + p % bs
                  for s, (L, n) in enumerate(zip(seq_lens, q_lens)) for p in range(L, L + n)]
         T = len(slots)
-        return torch.tensor(slots), torch.randn(T, h, d), torch.randn(T, hkv, d), torch.randn(T, hkv, d)
+        return tuple(t.to(DEVICE) for t in (torch.tensor(slots), torch.randn(T, h, d), torch.randn(T, hkv, d),
+                                             torch.randn(T, hkv, d)))
 
     # Prefill (one fresh prompt, one continuing a cached prefix), with q/k/v as views of one fused
     # projection (non-contiguous token stride) as a model passes them.
@@ -207,4 +222,59 @@ def test_choose_num_splits():
     assert tk.choose_num_splits(100, 1, 8, num_sms=132) == 1  # short context: no split pass
     assert tk.choose_num_splits(8192, 1, 8, num_sms=132) == tk.MAX_SPLITS
     assert tk.choose_num_splits(8192, 256, 8, num_sms=132) == 1  # batch alone fills the GPU
-    assert 1 < tk.choose_num_splits(2048, 4, 8, num_sms=132) <= 8
+    assert tk.choose_num_splits(2048, 4, 8, num_sms=132) == 8  # 33 by occupancy, 8 by length
+    assert tk.choose_num_splits(4096, 3, 8, num_sms=132) == 8  # 11 by occupancy, rounded down to a power of two
+
+
+# ---- compiled kernels on a GPU ---------------------------------------------------------------------------
+def _meta(b, num_decodes):
+    seq_lens = b["seq_lens"].tolist()
+    qsl = b["query_start_loc"].tolist()
+    return SimpleNamespace(slot_mapping=b["slot_mapping"], query_start_loc=b["query_start_loc"],
+                           seq_lens=b["seq_lens"], block_tables=b["block_tables"], max_query_len=b["max_query_len"],
+                           max_seq_len=b["max_seq_len"], num_decodes=num_decodes,
+                           is_decode=num_decodes == len(seq_lens), seq_lens_host=seq_lens,
+                           query_lens_host=[qsl[i + 1] - qsl[i] for i in range(len(seq_lens))])
+
+
+@COMPILED
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_backend_matches_torch_reference_backend(dtype):
+    """A mixed step at Llama-3-8B attention shapes (32 heads over 8 KV heads, head_dim 128): six decodes with
+    contexts from 1 to 4095 tokens (several split counts), a fresh prompt and a chunk over a cached prefix."""
+    seq_lens = [1, 17, 1000, 2048, 3000, 4095, 300, 1029]
+    q_lens = [1] * 6 + [300, 129]
+    b = make_batch(seq_lens, q_lens, 8, 4, 128, 16, dtype, seed=11)
+    b["k_cache"].nan_to_num_(0.0)  # the torch backend reads whole blocks; padding slots must not be NaN
+    b["v_cache"].nan_to_num_(0.0)
+    meta, scale = _meta(b, 6), 128 ** -0.5
+    ours = TritonAttentionBackend().forward(b["q"], b["k"], b["v"], b["k_cache"], b["v_cache"], meta, scale)
+    theirs = TorchAttentionBackend().forward(b["q"], b["k"], b["v"], b["k_cache"], b["v_cache"], meta, scale)
+    torch.testing.assert_close(ours.float(), theirs.float(), **TOL[dtype])
+    torch.testing.assert_close(ours.float().cpu(), ref_of(b, scale), **TOL[dtype])
+
+
+def _num_compiled(kernel) -> int:
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@COMPILED
+def test_no_recompile_once_every_variant_is_warm():
+    """Split counts are powers of two and the prefill kernel ignores the alignment of its sliced arguments,
+    so after one pass over the variants no batch size, context length or decode/prefill mix compiles again."""
+    def step(seq_lens, q_lens):
+        b = make_batch(seq_lens, q_lens, 8, 4, 128, 16, torch.bfloat16, seed=len(seq_lens))
+        nd = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))
+        TritonAttentionBackend().forward(b["q"], b["k"], b["v"], b["k_cache"], b["v_cache"], _meta(b, nd), 0.1)
+
+    for length in (256, 512, 1024, 2048, 4096):  # what the model runner's warm-up runs
+        step([length], [1])
+    step([32], [32])
+    step([64, 48], [1, 16])
+    kernels = (tk._decode_kernel, tk._decode_reduce_kernel, tk._prefill_kernel, tk._store_kv_kernel)
+    warm = [_num_compiled(k) for k in kernels]
+    for seq_lens, q_lens in (([700, 3, 1500], [1, 1, 1]), ([5000] * 2, [1, 1]), ([9, 33, 20], [1, 1, 20]),
+                             ([300, 40, 50, 77], [1, 1, 1, 30]), ([100] * 40, [1] * 40)):
+        step(seq_lens, q_lens)
+    assert [_num_compiled(k) for k in kernels] == warm
+    assert all(tk.choose_num_splits(n, s, 8) in (1, 2, 4, 8, 16) for n in range(1, 9000, 97) for s in (1, 3, 64))

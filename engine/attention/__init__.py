@@ -42,11 +42,16 @@ def make_backend(name: str, device: torch.device, block_size: int = 16):
     if name == "auto":
         if device.type != "cuda":
             return TorchAttentionBackend()
+        failures = []
         for candidate in BACKENDS[:-1]:
             try:
                 return make_backend(candidate, device, block_size)
             except (ImportError, RuntimeError) as e:
                 log.info("attention backend %s unavailable: %s", candidate, e)
+                failures.append(f"{candidate}: {e}")
+        # Not silent: on a GPU this fallback is several times slower and runs without CUDA graphs.
+        log.warning("no fast attention backend works on %s (%s); falling back to the torch reference "
+                    "backend, without CUDA graphs", device, "; ".join(failures))
         return TorchAttentionBackend()
     if name == "triton":
         from .triton_backend import TritonAttentionBackend

@@ -37,6 +37,7 @@ def _cu_seqlens_k(meta) -> torch.Tensor:
 
 class FlashAttnBackend:
     name = "flash-attn"
+    supports_cuda_graphs = True
 
     def __init__(self, fn):
         self.fn = fn
@@ -52,6 +53,7 @@ class FlashAttnBackend:
 
 class TorchFlashBackend:
     name = "torch-flash"
+    supports_cuda_graphs = True
 
     def __init__(self, fn):
         self.fn = fn

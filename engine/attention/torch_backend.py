@@ -22,6 +22,7 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 
 class TorchAttentionBackend:
     name = "torch"
+    supports_cuda_graphs = False  # reads host-side lengths each step
 
     def __init__(self):
         self._layout_for = None  # the step metadata the cached decode layout belongs to

@@ -6,14 +6,22 @@ Importing this module never fails; a missing triton is reported when the backend
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 try:
     from engine.attention import triton_kernels as _kernels
     _IMPORT_ERROR: Exception | None = None
-except Exception as e:  # ImportError, or triton failing to initialise on this machine
+except ImportError as e:  # not installed: expected on CPU-only machines, said when the backend is asked for
     _kernels = None
     _IMPORT_ERROR = e
+except Exception as e:  # noqa: BLE001 - installed but broken (driver, compiler): say so at once
+    _kernels = None
+    _IMPORT_ERROR = e
+    log.warning("triton is installed but failed to load; the triton attention backend is unavailable: %r", e)
 
 
 class TritonAttentionBackend:
@@ -22,6 +30,8 @@ class TritonAttentionBackend:
     def __init__(self) -> None:
         if _kernels is None:
             raise RuntimeError(f"the triton attention backend needs the triton package: {_IMPORT_ERROR!r}")
+        # Interpreted kernels (TRITON_INTERPRET=1) copy tensors through the host: never capturable.
+        self.supports_cuda_graphs = not _kernels.INTERPRETED
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:

@@ -17,6 +17,8 @@ time) the same kernels run on CPU tensors, which is how the tests exercise them.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -141,7 +143,15 @@ def _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constex
 # --------------------------------------------------------------------------------------------- prefill
 
 
-@triton.jit
+# Mixed steps pass the prefill part as slices that start after the decodes, so these pointers' 16-byte
+# alignment varies from step to step; specialising on it would compile a second variant mid-run.
+# (The option exists since triton 3.2; older versions just compile that second variant.)
+_UNALIGNED = (["qsl_ptr", "seq_lens_ptr", "bt_ptr"]
+              if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters else None)
+
+
+@triton.jit(do_not_specialize=["stride_bts"],
+            **({"do_not_specialize_on_alignment": _UNALIGNED} if _UNALIGNED else {}))
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr,
@@ -234,7 +244,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 # --------------------------------------------------------------------------------------------- decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bts"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     m_part_ptr, l_part_ptr, acc_part_ptr,  # [S, H, NUM_SPLITS] and [S, H, NUM_SPLITS, D]; unused if 1 split
@@ -329,7 +339,9 @@ MAX_SPLITS = 16
 
 
 def choose_num_splits(max_seq_len: int, num_seqs: int, num_kv_heads: int, num_sms: int | None = None) -> int:
-    """Flash-decoding split count: 1 for short contexts; otherwise enough splits to fill the GPU."""
+    """Flash-decoding split count: 1 for short contexts; otherwise enough splits to fill the GPU. Always a
+    power of two: NUM_SPLITS is a compile-time constant, so at most five variants (1..16) exist, and the
+    model runner compiles them all at start-up instead of inside a timed step."""
     by_len = max(1, min(MAX_SPLITS, max_seq_len // MIN_KEYS_PER_SPLIT))
     if by_len == 1:
         return 1
@@ -339,7 +351,8 @@ def choose_num_splits(max_seq_len: int, num_seqs: int, num_kv_heads: int, num_sm
     # (seq, kv_head) programs already in flight; splitting only helps until ~2 waves of programs.
     base = max(1, num_seqs * num_kv_heads)
     by_occupancy = max(1, (2 * num_sms) // base)
-    return max(1, min(by_len, by_occupancy))
+    splits = max(1, min(by_len, by_occupancy))
+    return 1 << (splits.bit_length() - 1)  # rounded down
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

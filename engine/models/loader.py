@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import ModelConfig
+from ..parallel import TPGroup
 from .llama import LlamaForCausalLM
 
 
@@ -28,27 +29,31 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def iter_weights(files: list[Path]):
+    """(name, slice) pairs: a safetensors slice reads from the file only the part that is indexed, so a
+    tensor-parallel rank reads only its shard."""
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 def load_model(config: ModelConfig, backend, device: torch.device, max_positions: int,
-               random_weights: bool = False) -> LlamaForCausalLM:
+               random_weights: bool = False, tp: TPGroup = TPGroup()) -> LlamaForCausalLM:
     """`random_weights` skips the checkpoint (the shapes alone matter for speed measurements)."""
     files = [] if random_weights else weight_files(config.path)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config, backend, max_positions)
+            model = LlamaForCausalLM(config, backend, max_positions, tp)
     finally:
         torch.set_default_dtype(previous)
+    # Serving never trains: parameters that require grad would make every forward outside
+    # inference_mode record autograd state (a CUDA graph captured that way keeps activations alive).
+    model.requires_grad_(False)
     if random_weights:
         for p in model.parameters():  # small values keep activations finite in any dtype
-            p.data.normal_(0.0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     else:
-        with torch.no_grad():
-            model.load_weights(iter_weights(files))
+        model.load_weights(iter_weights(files))
     return model.eval()

@@ -1,0 +1,57 @@
+"""The CPU paths: weights packed once for oneDNN against the plain F.linear reference (both token-exact
+with transformers), and intra-op threads chosen per step: all the worker's threads for a step with enough
+matmul work, one fewer for a small one (ModelRunner.step_threads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine_hf import check_against_hf, mixed_prompts
+
+from engine import LLM, SamplingParams
+from engine.model_runner import ModelRunner
+from engine.models.linear import Linear
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    from conftest import build_tiny_model
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tied") / "llama", tie=True)
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_and_reference_linear_match_transformers(tiny_models, tied_llama, tied, prepack):
+    """The LM head packed in place (untied) or as a copy beside the embedding table it shares (tied)."""
+    path = tied_llama if tied else tiny_models["llama"]
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=512, cpu_prepack_weights=prepack)
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * len(model.layers)
+    assert all(m.weight.is_mkldnn == prepack for m in linears)
+    assert (model.lm_head is None) == tied
+    check_against_hf(llm, path, mixed_prompts(n=6), logprobs=True)
+
+
+def test_threads_follow_the_step_size(tiny_models, monkeypatch):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # The tiny model: ~0.15M matmul flops per token; a 200-token prefill is ~0.03 GFLOP, a decode far less.
+        llm = LLM(str(tiny_models["llama"]), dtype="float32", num_kv_blocks=64, cpu_parallel_min_gflop=0.02)
+        runner = llm.engine.runner
+        assert runner.max_threads == 2
+        used = []
+        step_threads = ModelRunner.step_threads
+
+        def recording(self, layout):
+            used.append((layout.num_tokens, step_threads(self, layout)))
+            return used[-1][1]
+        monkeypatch.setattr(ModelRunner, "step_threads", recording)
+        out = llm.generate([list(range(3, 203))], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        assert len(out[0].token_ids) == 3
+        assert used[0] == (200, 2), "the prefill has the work for both threads"
+        assert used[1:] == [(1, 1), (1, 1)], "decodes of one sequence leave a core free"
+        assert torch.get_num_threads() == 1  # set for the last step
+    finally:
+        torch.set_num_threads(previous)
