@@ -97,6 +97,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     scheduler: str = "fcfs"
     scheduler_knobs: dict = field(default_factory=dict)
+    output_length: str = "history"  # what length predictions may know (scheduling/output_length.py)
     attention_backend: str = "auto"
     enforce_eager: bool = False
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)

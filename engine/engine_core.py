@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import time
 
-from scheduling import KVBlockManager, Request, SchedulerConfig, make_scheduler
+from scheduling import KVBlockManager, SchedulerConfig, make_scheduler
 
 from .config import EngineArgs, ModelConfig
 from .messages import GenerateRequest, LoadReport, RequestTimings, TokenOutput, TopLogprobs
 from .model_runner import ModelRunner
+from .requests import scheduler_request
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class EngineCore:
         sched_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_model_len=self.max_model_len,
-                                       eos_token_ids=config.eos_token_ids)
+                                       eos_token_ids=config.eos_token_ids, output_length=args.output_length)
         self.scheduler = make_scheduler(args.scheduler, sched_config, self.kv, args.scheduler_knobs or None)
         self.prompt_logprobs: dict[str, list] = {}
         self.requests_in = 0
@@ -72,17 +73,10 @@ class EngineCore:
         # Counted even when refused: the balancer reconciles what it sent against this number.
         self.requests_in += 1
         self.validate(req)
-        s = req.sampling
         # A request can never need more KV than the whole pool.
         if self.kv.blocks_for(n := len(req.prompt_token_ids) + 1) > self.kv.num_blocks:
             raise ValueError(f"prompt of {n - 1} tokens does not fit in the KV cache")
-        self.scheduler.add(Request(
-            request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
-            max_tokens=s.max_tokens, arrival_time=req.arrival_time, min_tokens=s.min_tokens,
-            ignore_eos=s.ignore_eos, stop_token_ids=frozenset(s.stop_token_ids), priority=req.priority,
-            ttft_slo_s=None if req.slo.ttft_ms is None else req.slo.ttft_ms / 1000,
-            tbt_slo_s=None if req.slo.tbt_ms is None else req.slo.tbt_ms / 1000,
-            payload=s))
+        self.scheduler.add(scheduler_request(req, payload=req.sampling))
 
     def abort(self, request_id: str) -> TokenOutput | None:
         self.prompt_logprobs.pop(request_id, None)

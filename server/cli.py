@@ -16,6 +16,7 @@ log = logging.getLogger("server")
 def parse_args(argv=None) -> argparse.Namespace:
     from balancer import BALANCERS
     from scheduling import SCHEDULERS
+    from scheduling.output_length import MODES as OUTPUT_LENGTH_MODES
     from scheduling.registry import add_knob_flags
     p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible LLM server")
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: the built-in demo model)")
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--devices", default=None, help="comma-separated CUDA device ids, one worker each")
     p.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
     p.add_argument("--balancer", default="round-robin", choices=sorted(BALANCERS))
+    p.add_argument("--output-length", default="history", choices=OUTPUT_LENGTH_MODES,
+                   help="what output-length predictions may know (LARRY, SCLS, SAL): see scheduling/output_length.py")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="refuse new requests with 429 while this many wait for their first token")
     p.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
@@ -88,6 +91,7 @@ def main(argv=None) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gb=args.kv_cache_gb,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
         scheduler=args.scheduler, scheduler_knobs=knob_values(args, SCHEDULERS, args.scheduler),
+        output_length=args.output_length,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         load_format=args.load_format, seed=args.seed)
     devices = worker_devices(args)
