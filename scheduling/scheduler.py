@@ -219,6 +219,18 @@ class Scheduler:
             request.first_scheduled_time = now
         return Chunk(request, request.num_computed_tokens, num_tokens)
 
+    def admit_reserving(self, request: Request, now: float, budget: int, reserve_tokens: int,
+                        watermark_blocks: int = 0) -> Chunk | None:
+        """`admit`, but only if KV for the request's first `reserve_tokens` tokens (its whole prompt,
+        or its worst case) is free beyond `watermark_blocks`; the request then holds all of it, so
+        it cannot run out of KV before it outgrows the reservation."""
+        if self.kv.blocks_for(reserve_tokens) > self.kv.num_free_blocks - watermark_blocks:
+            return None
+        chunk = self.admit(request, now, budget)
+        if chunk is not None:
+            self.kv.allocate(request, reserve_tokens - request.num_computed_tokens)
+        return chunk
+
     def continue_running(self, request: Request, budget: int) -> Chunk | None:
         """Next chunk of a running request (a decode token, or more of its prefill)."""
         num_tokens = min(request.num_uncomputed_tokens, budget)
