@@ -96,7 +96,42 @@ def h100_llama3_8b() -> tuple[StepModel, int, int]:
     return model, int((memory * 0.9 - weights) / kv_bytes), 131072  # Llama 3.1's context length
 
 
-PRESETS = {"h100-llama3-8b": h100_llama3_8b()}
+# The SLAI authors' measured Sarathi-Serve batch times: Mistral-7B-Instruct-v0.2 on one RTX 6000 Ada,
+# one 2048-token prompt prefilled in chunks of `chunk` tokens at batch size 1, mean batch time in ms
+# (github.com/agrimUT/SLAI, scripts/plot1_results.csv, columns chunk and batch_ms; made by
+# scripts/run_plot1.sh).
+SLAI_PLOT1_BATCH_MS = ((64, 22.717), (128, 24.070), (256, 28.817), (384, 37.796), (512, 46.512),
+                       (768, 57.083), (1024, 74.693))
+
+
+def rtx6000ada_mistral7b() -> tuple[StepModel, int, int]:
+    """One RTX 6000 Ada (48 GB, 960 GB/s) serving Mistral-7B-Instruct-v0.2 in bf16, the SLAI paper's
+    machine: the step model, the KV tokens and the context length.
+
+    Fitted to SLAI_PLOT1_BATCH_MS. Each batch there is one prefill chunk of one request, so the
+    batch size never varies and chunk size and context grow together: the data fix c0 and c1 but
+    cannot separate c2 or c3 from them. So:
+    - c3 = 131072 B of KV per token (32 layers x 8 KV heads x 128 x 2 (K and V) x 2 B) / 960 GB/s
+      = 136.5 ns per KV token read, from the card's bandwidth, not fitted;
+    - c2 = 0: no data varies the number of sequences;
+    - c0, c1: least squares of the mean batch time, less c3 x the mean chunk end, on the mean
+      chunk size (2048 split into chunks of `chunk`, the last one partial), over the 7 rows:
+      c0 = 17.3 ms (the 14.5 GB of weights read once take 15.1 ms), c1 = 56.3 us per token
+      (257 TFLOP/s of 2 x 7.24e9 FLOP per token); residuals within 3.1 ms, RMSE 1.5 ms.
+    KV: 236k tokens, the issue's and papers.md's estimate for that card (49,140 MiB x 0.9, less
+    14.5 GB of weights and about 1 GB of activations, / 131072 B). Context: Mistral v0.2's 32k.
+    """
+    c3 = 131072 / 960e9
+    x, y = [], []
+    for chunk, ms in SLAI_PLOT1_BATCH_MS:
+        sizes = [chunk] * (2048 // chunk) + ([2048 % chunk] if 2048 % chunk else [])
+        x.append([1.0, float(np.mean(sizes))])
+        y.append(ms / 1e3 - c3 * float(np.mean(np.cumsum(sizes))))
+    c0, c1 = np.linalg.lstsq(np.array(x), np.array(y), rcond=None)[0]
+    return StepModel(c0=float(c0), c1=float(c1), c2=0.0, c3=c3), 236_000, 32768
+
+
+PRESETS = {"h100-llama3-8b": h100_llama3_8b(), "rtx6000ada-mistral7b": rtx6000ada_mistral7b()}
 
 
 def fit_step_log(path: str | Path) -> tuple[StepModel, dict]:
