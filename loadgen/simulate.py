@@ -304,6 +304,8 @@ class Simulation:
                 sampled.append(EOS_TOKEN if last else SAMPLED_TOKEN)
         m = self.model
         step_s = m.c0 + m.c1 * tokens + m.c2 * len(plan.chunks) + m.c3 * kv_read
+        if worker.index == 0:
+            step_s *= self.args.slow_worker_factor
         worker.plan, worker.sampled, worker.step_s = plan, sampled, step_s
         heapq.heappush(self.events, (now + step_s, self.seq, worker.index))
         self.seq += 1
@@ -475,10 +477,10 @@ def simulate_one(args, console: Console | None = None) -> dict:
                            "queue_ms": round(t.queue_s * 1e3, 3), "tbt_slo_ms": t.tbt_slo_ms}
             for r, t in zip(records, sim.tracks)]
     timeseries = client_timeseries(records, duration)
-    write_results(args.output, summary, rows, config, timeseries, server, sections)
+    write_results(args.output, summary, [] if args.summary_only else rows, config, timeseries, server, sections)
     results = {"summary": summary, "requests": rows, "config": config, "timeseries": timeseries, "server": server,
                **sections}
-    if args.plots:
+    if not args.summary_only:
         plot_run(args.output, results)
     print_summary(summary, console, title=f"Simulated: {args.scheduler}, {args.workers} x {args.balancer}"
                   + (f" (censored at {args.time_limit:g} s)" if args.time_limit is not None else ""))
@@ -550,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-num-seqs", type=positive_int, default=256)
     e.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
     e.add_argument("--report-delay-ms", type=float, default=1.0, help="load report latency to the balancer")
+    e.add_argument("--slow-worker-factor", type=positive_float, default=1.0,
+                   help="worker 0's steps take F times as long (a heterogeneous or throttled replica)")
     e.add_argument("--tbt-slo-ms", type=positive_float, help="every request's TBT target (SLAI reads it)")
     e.add_argument("--strict-tbt-frac", type=float, default=0.0,
                    help="fraction of requests (seeded) with the strict TBT target instead")
@@ -566,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run continues to the end for summary_uncensored")
     r.add_argument("--seeds", type=positive_int, default=1,
                    help="run seeds --seed .. --seed+K-1 and report the mean and 95%% confidence half-widths")
-    r.add_argument("--no-plots", dest="plots", action="store_false", help="skip the plots (faster sweeps)")
+    r.add_argument("--summary-only", action="store_true",
+                   help="write no per-request rows and no plots (sweeps and many seeds: results.json stays small)")
     add_knob_flags(p, SCHEDULERS)
     add_knob_flags(p, BALANCERS)
     add_workload_args(p)
