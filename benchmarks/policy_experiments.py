@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 from loadgen.metrics import mean_ci95  # noqa: E402
 from loadgen.sweep import capacity  # noqa: E402
 
-SLAI_RATES = (1.2, 1.6, 2.0, 2.4, 2.8)
+SLAI_RATES = (1.2, 1.6, 2.0, 2.4)
 SLAI_TIME_LIMIT = 2100.0
 LARRY_RATES = (14, 16, 18)
 SAL_BALANCERS = ("round-robin", "power-of-two", "least-loaded", "sal")
 SAL_RATE_PER_WORKER = 30
-SAL_REQUESTS_PER_WORKER = 200
+SAL_REQUESTS_PER_WORKER = 100
 
 
 def experiments(traces: Path) -> dict[str, list[tuple[str, list[str]]]]:
