@@ -2,6 +2,7 @@
 tables BENCHMARKS.md quotes.
 
     python benchmarks/policy_experiments.py [--out out/policy] [--jobs 2] [--seeds 5] [--only slai,scls,larry,sal]
+    # or several invocations at once, over disjoint groups (--only)
     python benchmarks/policy_experiments.py --tables-only [--out out/policy] > tables.md
 
 Each run is one `python -m loadgen simulate ... --seeds K --output OUT/<name>` (printed before it
@@ -77,7 +78,7 @@ def experiments(traces: Path) -> dict[str, list[tuple[str, list[str]]]]:
     for rate in LARRY_RATES:
         for name, argv in variants.items():
             larry.append((f"larry/r{rate}-{name}", [*argv, "--workload", conv, "--kv-tokens", "150000",
-                                                    "--rate", str(rate), "--num-requests", "2000",
+                                                    "--rate", str(rate), "--num-requests", "1000",
                                                     "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100"]))
     sal = []
     heavy = ["--workload", "synthetic", "--input-len", "1024", "--output-len", "256", "--length-dist", "lognormal",
@@ -104,10 +105,10 @@ def run_all(args) -> None:
     def one(job):
         name, argv = job
         out = Path(args.out) / name
+        out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "loadgen", "simulate", *argv, "--seeds", str(args.seeds), "--summary-only",
                "--output", str(out)]
         print(f"[{time.time() - start:7.1f}s] start {name}: {shlex.join(cmd[1:])}", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{out}.log", "w") as log:
             rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         print(f"[{time.time() - start:7.1f}s] done  {name} (rc {rc})", flush=True)
