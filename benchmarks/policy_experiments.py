@@ -13,12 +13,14 @@ run uses the length oracle unless its name ends in `-oracle`. Experiments:
   at 500 ms, runs stopped at 2,100 s (censored; uncensored beside), a load sweep, and the capacity
   at median TTFT < 0.5 s with every TBT target met (loadgen.sweep.capacity).
 - scls: SCLS vs ils, static, sls and fcfs at saturation: a memory-scarce, decode-heavy synthetic
-  workload (32k KV tokens, 128-token prompts, 512-token outputs, max_tokens 1024), and the Azure
-  conversation trace (150k KV tokens).
+  workload (500 requests at once; 32k KV tokens, 128-token prompts, 512-token outputs, max_tokens
+  1024), and the Azure conversation trace (1000 requests at once, 150k KV tokens).
 - larry: LARRY vs FCFS with ablations (fit check alone, smallest-first alone, no aging bound) and
-  one oracle row, on the Azure conversation trace with 150k KV tokens, at 14, 16 and 18 req/s.
+  one oracle row, on the Azure conversation trace (1000 requests) with 150k KV tokens, at 14, 16
+  and 18 req/s.
 - sal: SAL vs round-robin, power-of-two and least-loaded, heavy-tailed (lognormal sigma 1.5)
-  lengths with bursty (gamma shape 0.25) arrivals at 30 req/s per worker: 4, 8 and 16 workers at
+  lengths with bursty (gamma shape 0.25) arrivals at 30 req/s per worker (80 requests per worker),
+  on the H100 preset: 4, 8 and 16 workers at
   10 ms report delay; 1 and 100 ms delays at 8 workers; and 8 workers with one 2x slower.
 """
 
@@ -45,7 +47,7 @@ SLAI_TIME_LIMIT = 2100.0
 LARRY_RATES = (14, 16, 18)
 SAL_BALANCERS = ("round-robin", "power-of-two", "least-loaded", "sal")
 SAL_RATE_PER_WORKER = 30
-SAL_REQUESTS_PER_WORKER = 100
+SAL_REQUESTS_PER_WORKER = 80
 
 
 def experiments(traces: Path) -> dict[str, list[tuple[str, list[str]]]]:
@@ -62,8 +64,8 @@ def experiments(traces: Path) -> dict[str, list[tuple[str, list[str]]]]:
     regimes = {
         "decode-heavy": ["--workload", "synthetic", "--input-len", "128", "--output-len", "512", "--length-dist",
                          "uniform", "--range-ratio", "0.9", "--max-tokens", "1024", "--kv-tokens", "32768",
-                         "--num-requests", "1000", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "100"],
-        "azure-conv": ["--workload", conv, "--kv-tokens", "150000", "--num-requests", "2000",
+                         "--num-requests", "500", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "100"],
+        "azure-conv": ["--workload", conv, "--kv-tokens", "150000", "--num-requests", "1000",
                        "--slo-ttft-ms", "60000", "--slo-tpot-ms", "100"],
     }
     for regime, argv in regimes.items():
