@@ -140,9 +140,11 @@ def ci(r: dict, key: str, section: str = "summary", scale: float = 1.0, digits: 
     return f"{m * scale:.{digits}f}"
 
 
-def paired_change(a: dict, b: dict, key: str) -> str:
-    """a's figure relative to b's, seed by seed (the seeds share workloads): mean % change ± 95%."""
-    pairs = [(x.get(key), y.get(key)) for x, y in zip(a["seed_summaries"], b["seed_summaries"])]
+def paired_change(a: dict | list, b: dict | list, key: str | None) -> str:
+    """a's figure relative to b's, seed by seed (the seeds share workloads): mean % change ± 95%.
+    `a`, `b`: results (their seed_summaries), lists of per-seed summaries, or (key None) of numbers."""
+    a, b = (x["seed_summaries"] if isinstance(x, dict) else x for x in (a, b))
+    pairs = [(x, y) if key is None else (x.get(key), y.get(key)) for x, y in zip(a, b)]
     changes = [100 * (x / y - 1) for x, y in pairs if x is not None and y]
     if len(changes) < 2:
         return "-"
@@ -165,7 +167,11 @@ def slai_tables(out: Path) -> str:
                 r = load(out, f"slai/{policy}-r{rate:g}")
                 if r is None:
                     continue
-                rows.append([f"{rate:g}", policy, ci(r, "completed", section), ci(r, "median_ttft_ms", section),
+                change = "-"
+                if policy == "slai" and load(out, f"slai/sarathi-r{rate:g}") is not None:
+                    change = paired_change(seed_sections(out, "slai", rate, section),
+                                           seed_sections(out, "sarathi", rate, section), "median_ttft_ms")
+                rows.append([f"{rate:g}", policy, ci(r, "completed", section), ci(r, "median_ttft_ms", section), change,
                              ci(r, "tbt_tiers.100.median_ttft_ms", section), ci(r, "tbt_tiers.500.median_ttft_ms", section),
                              ci(r, "mean_ttft_ms", section), ci(r, "p99_ttft_ms", section),
                              ci(r, "ttft_by_prompt.4096+.median_ttft_ms", section),
@@ -173,21 +179,24 @@ def slai_tables(out: Path) -> str:
                              ci(r, "request_throughput", section, digits=2), ci(r, "request_goodput", section, digits=2),
                              ci(r, "preemption_rate", section, digits=3)])
         parts.append(f"SLAI vs Sarathi, {label}:\n\n" + table(
-            ["req/s offered", "scheduler", "completed", "median TTFT ms", "strict (100 ms) median TTFT",
+            ["req/s offered", "scheduler", "completed", "median TTFT ms", "vs sarathi", "strict (100 ms) median TTFT",
              "relaxed (500 ms) median TTFT", "mean TTFT ms", "p99 TTFT ms", "median TTFT, prompts 4096+",
              "p99 ITL strict ms", "p99 ITL relaxed ms", "req/s", "goodput (TTFT ≤ 500 ms) req/s",
              "preemptions/req"], rows))
-    caps = []
+    caps, per_seed = [], {}
     for policy in ("sarathi", "slai"):
-        runs = [load(out, f"slai/{policy}-r{rate:g}") for rate in SLAI_RATES]
-        if any(r is None for r in runs):
+        if any(load(out, f"slai/{policy}-r{rate:g}") is None for rate in SLAI_RATES):
             continue
         row = [policy]
         for section in ("summary", "summary_uncensored"):
             c = capacity(list(SLAI_RATES), [{"seed_summaries": seed_sections(out, policy, rate, section)}
                                             for rate in SLAI_RATES], "median_ttft_ms", 500.0, True)
+            per_seed[policy, section] = c["per_seed"]
             row.append(f"{c['mean']:.2f} ± {c['ci95']:.2f}" + (" (≥, met at every rate)" if c["lower_bound"] else ""))
         caps.append(row)
+    if len(caps) == 2:
+        caps.append(["slai vs sarathi"] + [paired_change(per_seed["slai", s], per_seed["sarathi", s], None)
+                                           for s in ("summary", "summary_uncensored")])
     parts.append("Capacity: highest load with median TTFT < 500 ms and every TBT target's p99 ITL met "
                  "(per seed, interpolated; mean ± 95% over seeds):\n\n"
                  + table(["scheduler", "capacity req/s (censored)", "capacity req/s (uncensored)"], caps))
