@@ -108,6 +108,8 @@ def run_all(args) -> None:
     def one(job):
         name, argv = job
         out = Path(args.out) / name
+        if (out / "results.json").exists():  # done meanwhile by another invocation
+            return
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "loadgen", "simulate", *argv, "--seeds", str(args.seeds), "--summary-only",
                "--output", str(out)]
