@@ -2,7 +2,7 @@
 tables BENCHMARKS.md quotes.
 
     python benchmarks/policy_experiments.py [--out out/policy] [--jobs 2] [--seeds 5] [--only slai,scls,larry,sal]
-    # or several invocations at once, over disjoint groups (--only)
+    # or several invocations at once, over disjoint sets of runs (--only GROUPS, --runs NAME-PARTS)
     python benchmarks/policy_experiments.py --tables-only [--out out/policy] > tables.md
 
 Each run is one `python -m loadgen simulate ... --seeds K --output OUT/<name>` (printed before it
@@ -19,7 +19,8 @@ run uses the length oracle unless its name ends in `-oracle`. Experiments:
   one oracle row, on the Azure conversation trace (1000 requests) with 150k KV tokens, at 14, 16
   and 18 req/s.
 - sal: SAL vs round-robin, power-of-two and least-loaded, heavy-tailed (lognormal sigma 1.5)
-  lengths with bursty (gamma shape 0.25) arrivals at 30 req/s per worker (50 requests per worker),
+  lengths with bursty (gamma shape 0.25) arrivals at 30 req/s per worker (50 requests per worker;
+  25 with 16 workers),
   on the H100 preset: 4, 8 and 16 workers at 10 ms report delay; SAL and round-robin at 1 and
   100 ms delays with 8 workers; and all four with 8 workers, one of them 2x slower.
 """
@@ -89,18 +90,20 @@ def experiments(traces: Path) -> dict[str, list[tuple[str, list[str]]]]:
     setups = [(w, 10, 1.0, everyone) for w in (4, 8, 16)] + [(8, 1, 1.0, pair), (8, 100, 1.0, pair),
                                                              (8, 10, 2.0, everyone)]
     for workers, delay, slow, balancers in setups:
+        per_worker = SAL_REQUESTS_PER_WORKER if workers < 16 else SAL_REQUESTS_PER_WORKER // 2
         for balancer in balancers:
             sal.append((f"sal/w{workers}-d{delay}-slow{slow:g}/{balancer}", [
                 "--balancer", balancer, "--workers", str(workers), "--report-delay-ms", str(delay),
                 "--slow-worker-factor", f"{slow:g}", "--rate", str(SAL_RATE_PER_WORKER * workers),
-                "--num-requests", str(SAL_REQUESTS_PER_WORKER * workers), *heavy]))
+                "--num-requests", str(per_worker * workers), *heavy]))
     return {"slai": slai, "scls": scls, "larry": larry, "sal": sal}
 
 
 def run_all(args) -> None:
     jobs = [(name, argv) for group, runs in experiments(Path(args.traces)).items()
             if group in args.only for name, argv in runs]
-    jobs = [(n, a) for n, a in jobs if not (Path(args.out) / n / "results.json").exists()]
+    jobs = [(n, a) for n, a in jobs if not (Path(args.out) / n / "results.json").exists()
+            and (not args.runs or any(part in n for part in args.runs))]
     # The SLAI runs at the highest loads take longest: start them first so the pool ends together.
     jobs.sort(key=lambda j: -float(j[1][j[1].index("--rate") + 1]) if j[0].startswith("slai/") else 0)
     start = time.time()
@@ -274,6 +277,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="simulations at once")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--only", type=lambda s: s.split(","), default=["slai", "scls", "larry", "sal"])
+    p.add_argument("--runs", type=lambda s: s.split(","), help="only runs whose name contains one of these")
     p.add_argument("--tables-only", action="store_true")
     args = p.parse_args()
     if not args.tables_only:
