@@ -462,3 +462,18 @@ def test_soak(name, seed):
         assert s.num_preemptions > 0
     elif name in ("ils", "sls", "static"):
         assert s.num_preemptions == 0  # worst case reserved up front
+
+
+# ---- the shared expected-output rule -------------------------------------------------------------------
+@pytest.mark.parametrize("mode, expected", [("history", 100.0), ("max-tokens", 500.0), ("oracle", 500.0)])
+def test_expected_output_follows_the_configured_mode(mode, expected):
+    kv = KVBlockManager(64, 4)
+    s = make_scheduler("larry", SchedulerConfig(max_model_len=4096, output_length=mode), kv)
+    for _ in range(3):  # finished requests with 20-token prompts all produced 100 tokens
+        s.output_lengths.observe(prompt_tokens=20, output_tokens=100)
+    r = Request("r", [5] * 20, 500, 0.0)
+    assert s.expected_output(r) == expected
+    assert s.expected_output(Request("long", [5] * 3000, 500, 0.0)) == (128.0 if mode == "history" else 500.0)
+    r.ignore_eos = True  # a request that says it runs to its limit is taken at its word in every mode
+    assert s.expected_output(r) == 500.0
+    assert s.stats().output_lengths.mode == mode
