@@ -97,6 +97,7 @@ class EngineArgs:
     prefix_cache_hash_salt: str = ""  # mixed into every prefix-cache digest of this server
     scheduler: str = "fcfs"
     scheduler_knobs: dict = field(default_factory=dict)
+    output_length: str = "history"  # what length predictions may know (scheduling/output_length.py)
     attention_backend: str = "auto"
     enforce_eager: bool = False
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)

@@ -9,11 +9,12 @@ import dataclasses
 import logging
 import time
 
-from scheduling import KVBlockManager, Request, SchedulerConfig, make_scheduler
+from scheduling import KVBlockManager, SchedulerConfig, make_scheduler
 
 from .config import EngineArgs, ModelConfig
 from .messages import GenerateRequest, LoadReport, RequestTimings, TokenOutput, TopLogprobs
 from .model_runner import ModelRunner
+from .requests import scheduler_request
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class EngineCore:
         sched_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_model_len=self.max_model_len,
-                                       eos_token_ids=config.eos_token_ids)
+                                       eos_token_ids=config.eos_token_ids, output_length=args.output_length)
         self.scheduler = make_scheduler(args.scheduler, sched_config, self.kv, args.scheduler_knobs or None)
         self.prompt_logprobs: dict[str, list] = {}
         self.requests_in = 0
@@ -75,14 +76,7 @@ class EngineCore:
         # Counted even when refused: the balancer reconciles what it sent against this number.
         self.requests_in += 1
         self.validate(message)
-        s = message.sampling
-        self.scheduler.add(Request(
-            request_id=message.request_id, prompt_token_ids=list(message.prompt_token_ids),
-            max_tokens=s.max_tokens, arrival_time=message.arrival_time, min_tokens=s.min_tokens,
-            ignore_eos=s.ignore_eos, stop_token_ids=frozenset(s.stop_token_ids), priority=message.priority,
-            ttft_slo_s=None if message.slo.ttft_ms is None else message.slo.ttft_ms / 1000,
-            tbt_slo_s=None if message.slo.tbt_ms is None else message.slo.tbt_ms / 1000,
-            payload=s))
+        self.scheduler.add(scheduler_request(message, payload=message.sampling))
 
     def abort(self, request_id: str) -> TokenOutput | None:
         self.prompt_logprobs.pop(request_id, None)

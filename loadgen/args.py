@@ -24,7 +24,8 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     """Workload, arrival and SLO options: everything that defines the offered load and its targets."""
     w = parser.add_argument_group("workload")
     w.add_argument("--workload", required=True,
-                   help="PATH.csv (Azure 2023 trace: TIMESTAMP, ContextTokens, GeneratedTokens), "
+                   help="PATH.csv (Azure 2023 trace: TIMESTAMP, ContextTokens, GeneratedTokens; or lengths "
+                        "only: num_prefill_tokens, num_decode_tokens, drawn per --seed, arrivals at --rate), "
                         "PATH.jsonl (one {\"prompt\", \"output_tokens\"} per line) or 'synthetic'")
     w.add_argument("--input-len", type=positive_int, default=512, help="synthetic: mean prompt tokens")
     w.add_argument("--output-len", type=positive_int, default=128,
@@ -53,7 +54,12 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--num-requests", type=positive_int, help="cap on the number of requests")
     a.add_argument("--duration", type=positive_float, help="send only requests arriving before S seconds")
     a.add_argument("--max-concurrency", type=positive_int, help="at most C requests in flight")
-    a.add_argument("--seed", type=int, default=0, help="seeds arrivals, lengths and prompts")
+    a.add_argument("--max-gap-factor", type=positive_float,
+                   help="cut each drawn inter-arrival gap at F × the mean gap (default: 3 for a length-only "
+                        "CSV, as the SLAI authors draw arrivals; otherwise no cut)")
+    a.add_argument("--seed", type=int, default=0,
+                   help="seeds arrivals, lengths and prompts; picks the rows of a length-only CSV and "
+                        "the window (seed × --num-requests) of a timestamped one")
 
     s = parser.add_argument_group("SLOs (goodput counts requests meeting all given)")
     s.add_argument("--slo-ttft-ms", type=positive_float, help="time to first token target")

@@ -11,6 +11,7 @@ Only successful requests enter the statistics; failed ones are counted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -160,3 +161,36 @@ def worker_balance(busy_s: list[float], tokens: list[float]) -> dict:
         out[f"imbalance_{name}_max_over_mean"] = float(a.max() / mean) if mean else 1.0
         out[f"imbalance_{name}_cv"] = float(a.std() / mean) if mean else 0.0
     return out
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; the normal's beyond.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t, sample standard deviation)."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.size < 2:
+        return float(a.mean()), math.nan
+    t = T975[a.size - 2] if a.size - 1 <= len(T975) else 1.960
+    return float(a.mean()), float(t * a.std(ddof=1) / math.sqrt(a.size))
+
+
+def aggregate(summaries: list[dict]) -> tuple[dict, dict]:
+    """(mean, 95% half-width) of every number under the same keys, nested dicts included; a True/False
+    figure becomes the fraction of runs where it held; lists are dropped. A figure missing (None) in
+    some runs is averaged over the runs that have it."""
+    mean, ci = {}, {}
+    for key in summaries[0]:
+        values = [s.get(key) for s in summaries]
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, dict) for v in present):
+            keys = {k for v in present for k in v}
+            mean[key], ci[key] = aggregate([{k: v.get(k) for k in keys} for v in present])
+        elif present and all(isinstance(v, (int, float)) for v in present):
+            mean[key], ci[key] = mean_ci95([float(v) for v in present])
+        elif not present:
+            mean[key] = ci[key] = None
+    return mean, ci

@@ -17,7 +17,16 @@ exact record of what it sent since, as in the real process. Requests reach a wor
 
 A trace gives token counts, not tokens. Each request's prompt repeats its own index, so no two
 requests share a prefix, and the KV prefix cache is off: it could never hit, and hashing every
-block every step would be the simulator's largest cost. Outputs run to their length (ignore_eos).
+block every step would be the simulator's largest cost. Each output ends at the trace's length
+with an end-of-sequence token. What the policies may know of that length beforehand is
+`--output-length` (scheduling/output_length.py): with `oracle` each request's max_tokens is its
+true length; with `max-tokens` and `history` it is `--max-tokens`, a limit the same for every
+request (default: the workload's longest output), and `history` learns from finished requests.
+
+`--time-limit S` reports the run as the SLAI authors stop theirs: `summary` counts only requests
+finished by S (censored), `summary_uncensored` every request, the run continued to the end.
+`--seeds K` runs seeds seed..seed+K-1 into DIR/seed_<s>/ and writes DIR/results.json with the
+mean over seeds in `summary` and 95% confidence half-widths (Student t) in `summary_ci95`.
 """
 
 from __future__ import annotations
@@ -39,14 +48,17 @@ from rich.table import Table
 
 from balancer import BALANCERS, WorkerLoad, make_balancer
 from engine.messages import SLO, GenerateRequest, LoadReport, SamplingParams
+from engine.requests import scheduler_request
 from loadgen.args import add_output_arg, add_workload_args, positive_float, positive_int
-from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries, summarize, worker_balance
-from loadgen.report import plot_run, print_summary, write_results
+from loadgen.metrics import (RequestRecord, aggregate, benchmark_duration, client_timeseries, summarize,
+                             worker_balance)
+from loadgen.report import MAIN_METRICS, plot_run, print_summary, write_results
 from loadgen.workload import build_schedule, clamp_to_context
-from scheduling import SCHEDULERS, KVBlockManager, Request, SchedulerConfig, make_scheduler
+from scheduling import SCHEDULERS, KVBlockManager, SchedulerConfig, make_scheduler
+from scheduling.output_length import BUCKET_EDGES, MODES, bucket, bucket_label
 from scheduling.registry import add_knob_flags, knob_values
 
-SAMPLED_TOKEN = 0  # what every step "samples": outputs end by length, so the id does not matter
+SAMPLED_TOKEN, EOS_TOKEN = 0, 1  # what a step "samples": any token, then EOS at the trace's length
 STALL_STEPS = 100_000  # steps in a row without a token after which a worker counts as livelocked
 TIMELINE_POINTS = 200
 
@@ -96,7 +108,42 @@ def h100_llama3_8b() -> tuple[StepModel, int, int]:
     return model, int((memory * 0.9 - weights) / kv_bytes), 131072  # Llama 3.1's context length
 
 
-PRESETS = {"h100-llama3-8b": h100_llama3_8b()}
+# The SLAI authors' measured Sarathi-Serve batch times: Mistral-7B-Instruct-v0.2 on one RTX 6000 Ada,
+# one 2048-token prompt prefilled in chunks of `chunk` tokens at batch size 1, mean batch time in ms
+# (github.com/agrimUT/SLAI, scripts/plot1_results.csv, columns chunk and batch_ms; made by
+# scripts/run_plot1.sh).
+SLAI_PLOT1_BATCH_MS = ((64, 22.717), (128, 24.070), (256, 28.817), (384, 37.796), (512, 46.512),
+                       (768, 57.083), (1024, 74.693))
+
+
+def rtx6000ada_mistral7b() -> tuple[StepModel, int, int]:
+    """One RTX 6000 Ada (48 GB, 960 GB/s) serving Mistral-7B-Instruct-v0.2 in bf16, the SLAI paper's
+    machine: the step model, the KV tokens and the context length.
+
+    Fitted to SLAI_PLOT1_BATCH_MS. Each batch there is one prefill chunk of one request, so the
+    batch size never varies and chunk size and context grow together: the data fix c0 and c1 but
+    cannot separate c2 or c3 from them. So:
+    - c3 = 131072 B of KV per token (32 layers x 8 KV heads x 128 x 2 (K and V) x 2 B) / 960 GB/s
+      = 136.5 ns per KV token read, from the card's bandwidth, not fitted;
+    - c2 = 0: no data varies the number of sequences;
+    - c0, c1: least squares of the mean batch time, less c3 x the mean chunk end, on the mean
+      chunk size (2048 split into chunks of `chunk`, the last one partial), over the 7 rows:
+      c0 = 17.3 ms (the 14.5 GB of weights read once take 15.1 ms), c1 = 56.3 us per token
+      (257 TFLOP/s of 2 x 7.24e9 FLOP per token); residuals within 3.1 ms, RMSE 1.5 ms.
+    KV: 236k tokens, the issue's and papers.md's estimate for that card (49,140 MiB x 0.9, less
+    14.5 GB of weights and about 1 GB of activations, / 131072 B). Context: Mistral v0.2's 32k.
+    """
+    c3 = 131072 / 960e9
+    x, y = [], []
+    for chunk, ms in SLAI_PLOT1_BATCH_MS:
+        sizes = [chunk] * (2048 // chunk) + ([2048 % chunk] if 2048 % chunk else [])
+        x.append([1.0, float(np.mean(sizes))])
+        y.append(ms / 1e3 - c3 * float(np.mean(np.cumsum(sizes))))
+    c0, c1 = np.linalg.lstsq(np.array(x), np.array(y), rcond=None)[0]
+    return StepModel(c0=float(c0), c1=float(c1), c2=0.0, c3=c3), 236_000, 32768
+
+
+PRESETS = {"h100-llama3-8b": h100_llama3_8b(), "rtx6000ada-mistral7b": rtx6000ada_mistral7b()}
 
 
 def fit_step_log(path: str | Path) -> tuple[StepModel, dict]:
@@ -132,6 +179,7 @@ class Track:
     output_tokens: int
     arrival_s: float  # when it was due
     tbt_slo_ms: float | None
+    max_tokens: int  # what the request declares (its true length only under --output-length oracle)
     start_s: float = math.nan  # when it was sent (later than due under --max-concurrency)
     worker: int = -1
     times: list[float] = field(default_factory=list)  # one per output token
@@ -161,7 +209,8 @@ class Simulation:
         self.args, self.model = args, model
         self.delay_s = args.report_delay_ms / 1e3
         config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 max_model_len=max_model_len)
+                                 max_model_len=max_model_len, eos_token_ids=frozenset({EOS_TOKEN}),
+                                 output_length=args.output_length)
         self.workers = [Worker(i, make_scheduler(args.scheduler, config,
                                                  KVBlockManager(num_kv_blocks, args.block_size, False),
                                                  knob_values(args, SCHEDULERS, args.scheduler)))
@@ -173,8 +222,10 @@ class Simulation:
         self.events: list[tuple[float, int, int]] = []  # (step end, sequence number, worker)
         self.seq = 0
         strict = np.random.default_rng([args.seed, 3]).random(len(schedule)) < args.strict_tbt_frac
+        limit = args.max_tokens or max(r.output_tokens for r in schedule)
         self.tracks = [Track(i, r.input_tokens, r.output_tokens, r.arrival_s,
-                             args.strict_tbt_ms if strict[i] else args.tbt_slo_ms)
+                             args.strict_tbt_ms if strict[i] else args.tbt_slo_ms,
+                             r.output_tokens if args.output_length == "oracle" else limit)
                        for i, r in enumerate(schedule)]
         self.held: deque[Track] = deque()  # due, but --max-concurrency requests are in flight
         self.in_flight = 0
@@ -207,7 +258,7 @@ class Simulation:
         self.in_flight += 1
         track.start_s = now
         request = GenerateRequest(str(track.index), [track.index] * track.input_tokens,
-                                  SamplingParams(max_tokens=track.output_tokens, ignore_eos=True), now,
+                                  SamplingParams(max_tokens=track.max_tokens), now,
                                   slo=SLO(tbt_ms=track.tbt_slo_ms))
         for load, worker in zip(self.loads, self.workers):
             self.deliver_reports(load, worker, now)
@@ -231,10 +282,7 @@ class Simulation:
     def take_inbox(self, worker: Worker) -> None:
         """What EngineCore.add_request does, for requests that fit (the schedule was clamped)."""
         for g in worker.inbox:
-            track = self.tracks[int(g.request_id)]
-            worker.scheduler.add(Request(g.request_id, g.prompt_token_ids, g.sampling.max_tokens, g.arrival_time,
-                                         ignore_eos=True, tbt_slo_s=None if g.slo.tbt_ms is None else g.slo.tbt_ms / 1e3,
-                                         payload=track))
+            worker.scheduler.add(scheduler_request(g, payload=self.tracks[int(g.request_id)]))
         worker.requests_in += len(worker.inbox)
         worker.inbox.clear()
 
@@ -249,9 +297,15 @@ class Simulation:
             end = c.start + c.num_tokens
             tokens += c.num_tokens
             kv_read += end
-            sampled.append(SAMPLED_TOKEN if end == c.request.num_tokens else None)
+            if end < c.request.num_tokens:
+                sampled.append(None)
+            else:  # the trace's length reached: end of sequence
+                last = c.request.num_output_tokens + 1 >= c.request.payload.output_tokens
+                sampled.append(EOS_TOKEN if last else SAMPLED_TOKEN)
         m = self.model
         step_s = m.c0 + m.c1 * tokens + m.c2 * len(plan.chunks) + m.c3 * kv_read
+        if worker.index == 0:
+            step_s *= self.args.slow_worker_factor
         worker.plan, worker.sampled, worker.step_s = plan, sampled, step_s
         heapq.heappush(self.events, (now + step_s, self.seq, worker.index))
         self.seq += 1
@@ -326,16 +380,35 @@ class Simulation:
             "worker_requests": [w.completed for w in self.workers],
             "worker_preemptions": [w.scheduler.num_preemptions for w in self.workers],
         }
-        # Tail time between tokens per TBT target (SLAI's per-request targets).
-        tiers: dict[str, dict] = {}
-        for target in sorted({t.tbt_slo_ms for t in done if t.tbt_slo_ms is not None}):
-            gaps = np.concatenate([np.diff(t.times) for t in done if t.tbt_slo_ms == target] + [[]]) * 1e3
-            p99 = float(np.percentile(gaps, 99)) if gaps.size else None
-            tiers[f"{target:g}"] = {"requests": sum(t.tbt_slo_ms == target for t in done), "p99_itl_ms": p99,
-                                    "met": p99 is not None and p99 <= target}
-        if tiers:
-            extras["tbt_tiers"] = tiers
         return extras
+
+
+def ttft_figures(tracks: list[Track]) -> dict:
+    a = np.array([(t.times[0] - t.start_s) * 1e3 for t in tracks])
+    if not a.size:
+        return {"requests": 0, "mean_ttft_ms": None, "median_ttft_ms": None, "p99_ttft_ms": None}
+    return {"requests": int(a.size), "mean_ttft_ms": float(a.mean()), "median_ttft_ms": float(np.median(a)),
+            "p99_ttft_ms": float(np.percentile(a, 99))}
+
+
+def class_figures(tracks: list[Track]) -> dict:
+    """TTFT by prompt-length bucket (so starvation of long prompts shows), and per TBT target
+    (SLAI's per-request classes) its tail time between tokens and its TTFT."""
+    by_bucket = {}
+    for b in range(len(BUCKET_EDGES) + 1):
+        members = [t for t in tracks if bucket(t.input_tokens) == b]
+        if members:
+            by_bucket[bucket_label(b)] = ttft_figures(members)
+    out = {"ttft_by_prompt": by_bucket}
+    tiers: dict[str, dict] = {}
+    for target in sorted({t.tbt_slo_ms for t in tracks if t.tbt_slo_ms is not None}):
+        members = [t for t in tracks if t.tbt_slo_ms == target]
+        gaps = np.concatenate([np.diff(t.times) for t in members] + [[]]) * 1e3
+        p99 = float(np.percentile(gaps, 99)) if gaps.size else None
+        tiers[f"{target:g}"] = ttft_figures(members) | {"p99_itl_ms": p99, "met": p99 is not None and p99 <= target}
+    if tiers:
+        out["tbt_tiers"] = tiers
+    return out
 
 
 # ---- the command --------------------------------------------------------------------------------------
@@ -348,7 +421,14 @@ def step_model(args) -> StepModel:
 
 
 def simulate(args, console: Console | None = None) -> dict:
-    """Simulate the run `args` describe; write DIR/results.json and plots; return the results."""
+    """Simulate the run `args` describe (every seed of --seeds); write DIR/results.json and plots;
+    return the results."""
+    if args.seeds > 1:
+        return simulate_seeds(args, console)
+    return simulate_one(args, console)
+
+
+def simulate_one(args, console: Console | None = None) -> dict:
     console = console or Console()
     model = step_model(args)
     _, preset_kv, preset_len = PRESETS[args.preset]
@@ -372,25 +452,70 @@ def simulate(args, console: Console | None = None) -> dict:
     wall = time.perf_counter() - wall
     records = sim.records()
     duration = benchmark_duration(records)
-    summary = summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
     server = sim.server_timeline(duration)
-    summary |= sim.summary_extras(server["kv_cache_usage_perc"])
-    summary["simulation_wall_s"] = wall
+    extras = sim.summary_extras(server["kv_cache_usage_perc"]) | {"simulation_wall_s": wall}
+
+    def summary_of(keep: list[bool]) -> dict:
+        kept = [r for r, k in zip(records, keep) if k]
+        out = summarize(kept, benchmark_duration(kept), args.slo_ttft_ms, args.slo_tpot_ms)
+        return out | class_figures([t for t, k in zip(sim.tracks, keep) if k]) | extras
+
+    summary = summary_of([True] * len(records))
+    sections = {}
+    if args.time_limit is not None:
+        # As the SLAI authors count: only requests finished by the limit; the rest are censored.
+        sections["summary_uncensored"] = summary
+        summary = summary_of([t.times[-1] <= args.time_limit for t in sim.tracks])
+        summary["censored_requests"] = len(records) - summary["completed"]
     config = {**vars(args), "command": "simulate", "step_model": dataclasses.asdict(model), "kv_tokens": kv_tokens,
               "num_kv_blocks": num_blocks, "max_model_len": max_model_len, "clamped_requests": clamped,
-              "num_requests_sent": len(schedule),
+              "num_requests_sent": len(schedule), "max_tokens": sim.tracks[0].max_tokens
+              if args.output_length != "oracle" else None,
               "scheduler_knobs": dataclasses.asdict(sim.workers[0].scheduler.knobs),
               "balancer_knobs": dataclasses.asdict(sim.balancer.knobs)}
     rows = [r.as_dict() | {"worker": t.worker, "num_preemptions": t.num_preemptions,
                            "queue_ms": round(t.queue_s * 1e3, 3), "tbt_slo_ms": t.tbt_slo_ms}
             for r, t in zip(records, sim.tracks)]
     timeseries = client_timeseries(records, duration)
-    write_results(args.output, summary, rows, config, timeseries, server)
-    results = {"summary": summary, "requests": rows, "config": config, "timeseries": timeseries, "server": server}
-    plot_run(args.output, results)
-    print_summary(summary, console, title=f"Simulated: {args.scheduler}, {args.workers} x {args.balancer}")
+    write_results(args.output, summary, [] if args.summary_only else rows, config, timeseries, server, sections)
+    results = {"summary": summary, "requests": rows, "config": config, "timeseries": timeseries, "server": server,
+               **sections}
+    if not args.summary_only:
+        plot_run(args.output, results)
+    print_summary(summary, console, title=f"Simulated: {args.scheduler}, {args.workers} x {args.balancer}"
+                  + (f" (censored at {args.time_limit:g} s)" if args.time_limit is not None else ""))
     console.print(simulator_table(summary))
     return results
+
+
+def simulate_seeds(args, console: Console | None = None) -> dict:
+    """One run per seed into DIR/seed_<s>/; DIR/results.json holds their mean and 95% intervals."""
+    console = console or Console()
+    out = Path(args.output)
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        console.rule(f"seed {seed}")
+        runs.append(simulate_one(argparse.Namespace(**{**vars(args), "seed": seed, "seeds": 1,
+                                                       "output": str(out / f"seed_{seed}")}), console))
+    sections = ["summary"] + (["summary_uncensored"] if args.time_limit is not None else [])
+    results = {"config": {**runs[0]["config"], "seed": args.seed, "seeds": args.seeds, "output": str(out)}}
+    for name in sections:
+        results[name], results[f"{name}_ci95"] = aggregate([r[name] for r in runs])
+    results["seed_summaries"] = [r["summary"] for r in runs]
+    extra = {k: v for k, v in results.items() if k not in ("summary", "config")}
+    write_results(out, results["summary"], [], results["config"], {}, {"available": False}, extra)
+    console.print(seeds_table(results["summary"], results["summary_ci95"], args.seeds))
+    return results | {"requests": []}
+
+
+def seeds_table(mean: dict, ci: dict, k: int) -> Table:
+    table = Table(title=f"Mean over {k} seeds ± 95% confidence half-width")
+    table.add_column("Metric")
+    table.add_column("Value", justify="right")
+    for label, key, _ in MAIN_METRICS + [("Preemptions per request", "preemption_rate", "")]:
+        if isinstance(mean.get(key), float | int):
+            table.add_row(label, f"{mean[key]:.4g} ± {ci[key]:.2g}")
+    return table
 
 
 def simulator_table(s: dict) -> Table:
@@ -427,10 +552,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-num-seqs", type=positive_int, default=256)
     e.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
     e.add_argument("--report-delay-ms", type=float, default=1.0, help="load report latency to the balancer")
+    e.add_argument("--slow-worker-factor", type=positive_float, default=1.0,
+                   help="worker 0's steps take F times as long (a heterogeneous or throttled replica)")
     e.add_argument("--tbt-slo-ms", type=positive_float, help="every request's TBT target (SLAI reads it)")
     e.add_argument("--strict-tbt-frac", type=float, default=0.0,
                    help="fraction of requests (seeded) with the strict TBT target instead")
     e.add_argument("--strict-tbt-ms", type=positive_float, default=100.0)
+    e.add_argument("--output-length", choices=MODES, default="history",
+                   help="what policies may know of output lengths (scheduling/output_length.py); "
+                        "oracle sends each request's true length as its max_tokens")
+    e.add_argument("--max-tokens", type=positive_int,
+                   help="max_tokens of every request unless --output-length oracle (default: the workload's "
+                        "longest output)")
+    r = p.add_argument_group("run")
+    r.add_argument("--time-limit", type=positive_float, metavar="S",
+                   help="report only requests finished by S seconds (as the SLAI authors stop their runs); "
+                        "the run continues to the end for summary_uncensored")
+    r.add_argument("--seeds", type=positive_int, default=1,
+                   help="run seeds --seed .. --seed+K-1 and report the mean and 95%% confidence half-widths")
+    r.add_argument("--summary-only", action="store_true",
+                   help="write no per-request rows and no plots (sweeps and many seeds: results.json stays small)")
     add_knob_flags(p, SCHEDULERS)
     add_knob_flags(p, BALANCERS)
     add_workload_args(p)

@@ -50,9 +50,36 @@ def load_workload(args) -> list[WorkloadRequest]:
         )
     if kind == "csv":
         requests = read_trace(args.workload)
-    else:
-        requests = read_jsonl(args.workload, args.output_len, args.tokenizer)
+        if is_length_only(requests):
+            return sample_rows(requests, args.num_requests, args.seed)
+        return trace_window(requests, args.num_requests, args.seed)
+    requests = read_jsonl(args.workload, args.output_len, args.tokenizer)
     return requests if args.num_requests is None else requests[: args.num_requests]
+
+
+def is_length_only(requests: list[WorkloadRequest]) -> bool:
+    """A trace of lengths without timestamps (e.g. ShareGPT's): arrivals must be drawn."""
+    return bool(requests) and requests[0].arrival_s is None
+
+
+def sample_rows(requests: list[WorkloadRequest], n: int | None, seed: int) -> list[WorkloadRequest]:
+    """`n` rows drawn without replacement, a different draw per seed (all rows, shuffled, for None)."""
+    rng = np.random.default_rng([seed, 2])
+    picked = rng.permutation(len(requests))[: len(requests) if n is None else n]
+    return [requests[i] for i in picked]
+
+
+def trace_window(requests: list[WorkloadRequest], n: int | None, seed: int) -> list[WorkloadRequest]:
+    """Seed k replays the trace's k-th window of `n` requests (the whole trace for n = None, seed 0)."""
+    if n is None:
+        if seed:
+            raise ValueError("a timestamped trace needs --num-requests to pick a window by --seed")
+        return requests
+    start = seed * n
+    if start + n > len(requests):
+        raise ValueError(f"--seed {seed} with --num-requests {n} needs {start + n} requests; the trace has "
+                         f"{len(requests)}")
+    return requests[start:start + n]
 
 
 def _synthetic_count(args) -> int:
@@ -90,14 +117,22 @@ def synthetic_lengths(
     raise ValueError(f"unknown length distribution {dist!r}")
 
 
+LENGTH_COLUMNS = ("num_prefill_tokens", "num_decode_tokens")  # a length-only trace (the SLAI authors' ShareGPT)
+
+
 def read_trace(path: str | Path) -> list[WorkloadRequest]:
-    """An Azure LLM inference trace (2023): TIMESTAMP, ContextTokens, GeneratedTokens."""
+    """An Azure LLM inference trace (2023): TIMESTAMP, ContextTokens, GeneratedTokens; or a trace of
+    lengths only: num_prefill_tokens, num_decode_tokens (arrival_s None)."""
     requests = []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or ())
+        columns = set(reader.fieldnames or ())
+        if set(LENGTH_COLUMNS) <= columns:
+            return [WorkloadRequest(max(1, int(row["num_prefill_tokens"])), max(1, int(row["num_decode_tokens"])))
+                    for row in reader]
+        missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - columns
         if missing:
-            raise ValueError(f"{path}: missing trace columns {sorted(missing)}")
+            raise ValueError(f"{path}: missing trace columns {sorted(missing)} (or give {', '.join(LENGTH_COLUMNS)})")
         first = None
         for row in reader:
             # fromisoformat takes the trace's 7 fractional digits (keeping microseconds); subtracting
@@ -141,14 +176,15 @@ def read_jsonl(path: str | Path, default_output: int, tokenizer_dir: str | None 
 def arrival_times(
     n: int | None, rate: float = math.inf, burstiness: float = 1.0, seed: int = 0,
     replay_timestamps: bool = False, time_scale: float = 1.0, trace_s: list[float] | None = None,
-    duration_s: float | None = None,
+    duration_s: float | None = None, max_gap_s: float | None = None,
 ) -> list[float]:
     """Send times in seconds from the start, the first at 0.
 
     - replay_timestamps: the trace's offsets `trace_s` multiplied by `time_scale` (0.5 = twice as fast);
     - rate = inf: everything at once;
     - otherwise a gamma renewal process with mean gap 1/rate and shape `burstiness`
-      (1 = Poisson; < 1 burstier, > 1 smoother: the gaps' coefficient of variation is 1/√burstiness).
+      (1 = Poisson; < 1 burstier, > 1 smoother: the gaps' coefficient of variation is 1/√burstiness),
+      each gap cut to at most `max_gap_s` when given (the SLAI authors cut Poisson gaps at 3× the mean).
     Times at or after `duration_s` are dropped; n = None (needs a finite rate and a duration) means
     "as many as fit in the duration".
     """
@@ -161,13 +197,14 @@ def arrival_times(
             raise ValueError("--rate inf needs a request count")
         times = [0.0] * n
     else:
-        times = _renewal_times(n, rate, burstiness, seed, duration_s)
+        times = _renewal_times(n, rate, burstiness, seed, duration_s, max_gap_s)
     if duration_s is not None:
         times = [t for t in times if t < duration_s]
     return times
 
 
-def _renewal_times(n: int | None, rate: float, burstiness: float, seed: int, duration_s: float | None) -> list[float]:
+def _renewal_times(n: int | None, rate: float, burstiness: float, seed: int, duration_s: float | None,
+                   max_gap_s: float | None = None) -> list[float]:
     if n is None and duration_s is None:
         raise ValueError("an arrival process at a finite rate needs a request count or a duration")
     rng = np.random.default_rng(seed)
@@ -175,7 +212,8 @@ def _renewal_times(n: int | None, rate: float, burstiness: float, seed: int, dur
     # Drawn in fixed batches so a count-limited and a duration-limited call see the same stream.
     chunks, total, last = [np.zeros(1)], 1, 0.0
     while (n is not None and total < n) or (n is None and last < duration_s):
-        batch = last + np.cumsum(rng.gamma(burstiness, scale, size=4096))
+        gaps = rng.gamma(burstiness, scale, size=4096)
+        batch = last + np.cumsum(gaps if max_gap_s is None else np.minimum(gaps, max_gap_s))
         chunks.append(batch)
         total, last = total + batch.size, float(batch[-1])
     times = np.concatenate(chunks)
@@ -206,9 +244,12 @@ def clamp_to_context(requests: list[WorkloadRequest], max_model_len: int) -> tup
 def build_schedule(args) -> list[WorkloadRequest]:
     """The workload with each request's send time in `arrival_s`."""
     requests = load_workload(args)
+    factor = args.max_gap_factor
+    if factor is None and workload_kind(args.workload) == "csv" and is_length_only(requests):
+        factor = 3.0  # drawn as the SLAI authors draw arrivals for their length-only ShareGPT trace
     times = arrival_times(
         len(requests), args.rate, args.burstiness, args.seed, args.replay_timestamps, args.time_scale,
         trace_s=[r.arrival_s for r in requests] if args.replay_timestamps else None,
-        duration_s=args.duration,
+        duration_s=args.duration, max_gap_s=factor / args.rate if factor and math.isfinite(args.rate) else None,
     )
     return [replace(r, arrival_s=t) for r, t in zip(requests, times)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .kv_cache import KVBlockManager
+from .output_length import OutputLengths
 from .registry import Knobs, Registry
 from .request import Request, Status
 
@@ -23,6 +24,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     eos_token_ids: frozenset[int] = frozenset()
+    output_length: str = "history"  # what length predictions may know: output_length.MODES
 
 
 @dataclass
@@ -71,7 +73,8 @@ class SchedulerStats:
     mean_step_time: float = 0.0
     num_preemptions: int = 0
     num_steps: int = 0
-    expected_output_tokens: float = 0.0
+    expected_output_tokens: float = 0.0  # mean output of finished requests
+    output_lengths: OutputLengths = field(default_factory=OutputLengths)  # the worker's length predictor
     outstanding_tokens: float = 0.0  # prefill left plus expected decode left, in tokens
     busy_seconds: float = 0.0  # total time spent in steps: with processed_tokens, the load-imbalance figures
     processed_tokens: int = 0  # prompt and output tokens run through the model, recomputation included
@@ -93,8 +96,7 @@ register = SCHEDULERS.register
 class Scheduler:
     name: ClassVar[str] = ""
     Knobs: ClassVar[type] = Knobs
-    # Prior for expected output length before any request has finished.
-    DEFAULT_EXPECTED_OUTPUT = 128.0
+    honors_priority: ClassVar[bool] = False  # a policy that orders by request priority sets this
 
     def __init__(self, config: SchedulerConfig, kv: KVBlockManager, knobs: Knobs | None = None):
         self.config = config
@@ -104,7 +106,7 @@ class Scheduler:
         self.running: list[Request] = []  # admission order
         self.requests: dict[str, Request] = {}
         self.step_time = RunningMean()
-        self.output_len = RunningMean(self.DEFAULT_EXPECTED_OUTPUT)
+        self.output_lengths = OutputLengths(config.output_length)
         self.num_preemptions = 0
         self.num_steps = 0
         self.busy_seconds = 0.0
@@ -186,7 +188,6 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def stats(self) -> SchedulerStats:
-        expected = self.output_len.value
         waiting_prefill = sum(r.num_uncomputed_tokens for r in self.waiting)
         outstanding = float(waiting_prefill)
         for r in (*self.waiting, *self.running):
@@ -202,7 +203,8 @@ class Scheduler:
             mean_step_time=self.step_time.value,
             num_preemptions=self.num_preemptions,
             num_steps=self.num_steps,
-            expected_output_tokens=expected,
+            expected_output_tokens=self.output_lengths.mean,
+            output_lengths=self.output_lengths.copy(),
             outstanding_tokens=outstanding,
             busy_seconds=self.busy_seconds,
             processed_tokens=self.processed_tokens,
@@ -210,11 +212,8 @@ class Scheduler:
 
     # ---- mechanics shared by policies -------------------------------------------------------
     def expected_output(self, request: Request) -> float:
-        """Expected total output length: the running mean of finished requests, capped by the
-        request's own limit. `ignore_eos` requests will run to their limit exactly."""
-        if request.ignore_eos:
-            return float(request.max_tokens)
-        return min(float(request.max_tokens), self.output_len.value)
+        """Expected total output length, by the rule of scheduling/output_length.py."""
+        return self.output_lengths.expected(request.num_prompt_tokens, request.max_tokens, request.ignore_eos)
 
     def expected_remaining_output(self, request: Request) -> float:
         return max(0.0, self.expected_output(request) - request.num_output_tokens)
@@ -241,6 +240,18 @@ class Scheduler:
         if request.first_scheduled_time is None:
             request.first_scheduled_time = now
         return Chunk(request, request.num_computed_tokens, num_tokens)
+
+    def admit_reserving(self, request: Request, now: float, budget: int, reserve_tokens: int,
+                        watermark_blocks: int = 0) -> Chunk | None:
+        """`admit`, but only if KV for the request's first `reserve_tokens` tokens (its whole prompt,
+        or its worst case) is free beyond `watermark_blocks`; the request then holds all of it, so
+        it cannot run out of KV before it outgrows the reservation."""
+        if self.kv.blocks_for(reserve_tokens) > self.kv.num_free_blocks - watermark_blocks:
+            return None
+        chunk = self.admit(request, now, budget)
+        if chunk is not None:
+            self.kv.allocate(request, reserve_tokens - request.num_computed_tokens)
+        return chunk
 
     def continue_running(self, request: Request, budget: int) -> Chunk | None:
         """Next chunk of a running request (a decode token, or more of its prefill)."""
@@ -277,4 +288,4 @@ class Scheduler:
         request.finished_time = now
         del self.requests[request.request_id]
         if reason != "abort":
-            self.output_len.add(request.num_output_tokens)
+            self.output_lengths.observe(request.num_prompt_tokens, request.num_output_tokens)

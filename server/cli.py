@@ -16,6 +16,7 @@ log = logging.getLogger("server")
 def parse_args(argv=None) -> argparse.Namespace:
     from balancer import BALANCERS
     from scheduling import SCHEDULERS
+    from scheduling.output_length import MODES as OUTPUT_LENGTH_MODES
     from scheduling.registry import add_knob_flags
     p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible LLM server")
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: the built-in demo model)")
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ranks per worker, each holding a shard of the model (GPUs, or CPU processes over gloo)")
     p.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
     p.add_argument("--balancer", default="round-robin", choices=sorted(BALANCERS))
+    p.add_argument("--output-length", default="history", choices=OUTPUT_LENGTH_MODES,
+                   help="what output-length predictions may know (LARRY, SCLS, SAL): see scheduling/output_length.py")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="refuse new requests with 429 while this many wait for their first token")
     p.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
@@ -128,6 +131,7 @@ def main(argv=None) -> None:
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
         prefix_cache_hash_salt=args.prefix_cache_hash_salt,
         scheduler=args.scheduler, scheduler_knobs=knob_values(args, SCHEDULERS, args.scheduler),
+        output_length=args.output_length,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
         cpu_parallel_min_gflop=args.cpu_parallel_min_gflop, cpu_prepack_weights=args.cpu_prepack_weights)

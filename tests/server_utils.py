@@ -14,6 +14,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 CONV_TRACE = ROOT.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"  # ../shared beside the repo, as CI lays it
+SHAREGPT_TRACE = CONV_TRACE.with_name("sharegpt_8k_lengths.csv")  # lengths only: the SLAI authors' workload
 
 
 def free_port() -> int:

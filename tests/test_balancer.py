@@ -9,11 +9,13 @@ import pytest
 from balancer import WorkerLoad, make_balancer
 from engine.messages import GenerateRequest, LoadReport, SamplingParams
 from scheduling import SchedulerStats
+from scheduling.output_length import PRIOR, OutputLengths
 
 
 def report(worker_id, running=0, waiting=0, outstanding=0.0, requests_in=0, **kw) -> LoadReport:
     stats = dict(num_running=running, num_waiting=waiting, kv_blocks_total=1000, mean_step_time=0.01,
-                 expected_output_tokens=64.0, outstanding_tokens=outstanding)
+                 expected_output_tokens=64.0, outstanding_tokens=outstanding,
+                 output_lengths=OutputLengths("history", [64.0] * 4, [1] * 4))
     return LoadReport(worker_id, SchedulerStats(**(stats | kw)), requests_in=requests_in)
 
 
@@ -50,12 +52,27 @@ def test_sal_counts_unreported_sends_exactly_and_forgets_reported_ones():
     assert w.unreported == [] and sal.load(w) == 1300
 
 
-def test_sal_uses_its_prior_before_a_report_and_caps_by_max_tokens():
-    sal = make_balancer("sal", {"prior_output_tokens": 300.0})
+def test_sal_uses_the_schedulers_prior_before_a_report_and_caps_by_max_tokens():
+    sal = make_balancer("sal")
     w = WorkerLoad(0)
     w.record_sent(gen("a", prompt_len=10, max_tokens=1000, ignore_eos=False))
     w.record_sent(gen("b", prompt_len=10, max_tokens=20, ignore_eos=False))
-    assert sal.load(w) == (10 + 300) + (10 + 20)
+    assert sal.load(w) == (10 + PRIOR) + (10 + 20)
+
+
+def test_sal_predicts_with_the_mode_and_buckets_the_worker_reported():
+    sal = make_balancer("sal")
+    history = OutputLengths("history")
+    for _ in range(3):
+        history.observe(prompt_tokens=50, output_tokens=40)  # short prompts: short answers
+        history.observe(prompt_tokens=3000, output_tokens=400)
+    w = loads(report(0, output_lengths=history))[0]
+    w.record_sent(gen("short", prompt_len=50, max_tokens=1000, ignore_eos=False))
+    w.record_sent(gen("long", prompt_len=3000, max_tokens=1000, ignore_eos=False))
+    assert sal.load(w) == (50 + 40) + (3000 + 400)
+    w = loads(report(0, output_lengths=OutputLengths("max-tokens")))[0]
+    w.record_sent(gen("short", prompt_len=50, max_tokens=1000, ignore_eos=False))
+    assert sal.load(w) == 50 + 1000
 
 
 def test_sal_breaks_ties_round_robin_and_routes_on_its_own_sends():

@@ -10,7 +10,7 @@ from loadgen.workload import (
     WorkloadRequest, arrival_times, build_schedule, clamp_to_context, load_workload, read_trace,
     synthetic_workload,
 )
-from server_utils import CONV_TRACE
+from server_utils import CONV_TRACE, SHAREGPT_TRACE
 
 needs_trace = pytest.mark.usefixtures("conv_trace")
 
@@ -98,10 +98,10 @@ def test_replayed_trace_times_are_scaled():
 
 
 @needs_trace
-def test_trace_at_a_rate_keeps_row_order_and_draws_poisson_arrivals():
+def test_trace_at_a_rate_keeps_row_order_of_the_seeds_window_and_draws_poisson_arrivals():
     schedule = build_schedule(parse("--workload", str(CONV_TRACE), "--rate", "4", "--num-requests", "3000",
                                     "--seed", "5"))
-    rows = read_trace(CONV_TRACE)[:3000]
+    rows = read_trace(CONV_TRACE)[15000:18000]  # seed 5: the sixth window of 3000
     assert [(s.input_tokens, s.output_tokens) for s in schedule] == [(r.input_tokens, r.output_tokens) for r in rows]
     assert gaps([s.arrival_s for s in schedule]).mean() == pytest.approx(0.25, rel=0.06)
 
@@ -133,3 +133,17 @@ def test_clamp_to_context_keeps_outputs_and_shortens_prompts():
 def test_unknown_workload_kind_is_rejected():
     with pytest.raises(ValueError, match="--workload"):
         load_workload(parse("--workload", "trace.txt"))
+
+
+@needs_trace
+def test_length_only_trace_draws_rows_per_seed_and_cuts_poisson_gaps_at_three_means():
+    argv = ("--workload", str(SHAREGPT_TRACE), "--rate", "2", "--num-requests", "4000")
+    a, b = build_schedule(parse(*argv, "--seed", "1")), build_schedule(parse(*argv, "--seed", "2"))
+    rows = {(r.input_tokens, r.output_tokens) for r in read_trace(SHAREGPT_TRACE)}
+    assert {(r.input_tokens, r.output_tokens) for r in a} <= rows
+    assert [r.input_tokens for r in a] != [r.input_tokens for r in b]
+    g = gaps([r.arrival_s for r in a])
+    assert g.max() == pytest.approx(1.5)  # 3 x the mean gap of 0.5 s, reached by ~5% of exponential gaps
+    assert np.isclose(g, 1.5, rtol=1e-9).mean() == pytest.approx(np.exp(-3), abs=0.015)
+    uncut = gaps([r.arrival_s for r in build_schedule(parse(*argv, "--seed", "1", "--max-gap-factor", "1000"))])
+    assert uncut.max() > 2.5

@@ -104,19 +104,96 @@ def test_sarathi_preempts_only_requests_not_yet_served():
     assert served(plan) == ["old", "new"] and plan.preempted == [p]
 
 
-# ---- SLS -----------------------------------------------------------------------------------------
-def test_sls_admits_nothing_until_the_whole_batch_finished():
-    s, _ = make("sls", {"batch_size": 2})
-    a, b, c = req("a", 4, 1), req("b", 4, 5), req("c", 4, 1)
+# ---- ILS, SLS, static: worst-case reservation ------------------------------------------------------
+def test_ils_reserves_prompt_plus_max_tokens_and_admits_in_order_only_what_fits():
+    s, kv = make("ils", num_blocks=20)
+    a, b, c = req("a", 8, 32), req("b", 8, 40), req("c", 4, 4)  # worst cases: 10, 12 and 2 blocks
     for r in (a, b, c):
         s.add(r)
+    assert served(step(s, 0.0)) == ["a"]  # b's 12 blocks do not fit in the 10 left, and c may not pass it
+    assert len(a.block_ids) == 10 and kv.num_free_blocks == 10
+    while not a.is_finished:
+        assert not step(s, 1.0).preempted and b.status is Status.WAITING
+    assert served(step(s, 2.0)) == ["b", "c"]
+    assert s.num_preemptions == 0
+
+
+def test_ils_reservation_is_capped_by_the_context_length():
+    s, kv = make("ils", num_blocks=20)
+    s.config.max_model_len = 16
+    a = req("a", 8, 1000)
+    s.add(a)
+    step(s, 0.0)
+    assert len(a.block_ids) == kv.blocks_for(15)  # the last sampled token is never computed
+
+
+def test_sls_batch_is_as_large_as_the_worst_cases_fit_and_runs_to_the_end():
+    s, kv = make("sls", num_blocks=10)
+    a, b, c, d = req("a", 4, 1), req("b", 4, 16), req("c", 4, 12), req("d", 4, 1)  # 1 + 5 + 4 blocks fill the pool; d needs 1 more
+    for r in (a, b, c, d):
+        s.add(r)
     now = 0.0
-    assert served(step(s, now)) == ["a", "b"] and a.is_finished
+    assert served(step(s, now)) == ["a", "b", "c"] and a.is_finished
+    assert s.batch == [a, b, c]
     while not b.is_finished:
         now += 1
-        assert served(step(s, now)) == ["b"], "c joined a batch under way"
-    assert served(step(s, now + 1)) == ["c"]
-    assert s.counters["sls_batches"] == 2
+        assert "d" not in served(step(s, now)), "d joined a batch under way"
+    assert served(step(s, now + 1)) == ["d"]
+    assert s.counters["sls_batches"] == 2 and s.num_preemptions == 0
+
+
+def test_static_pads_every_member_to_the_longest_prompt_and_max_tokens():
+    s, kv = make("static", num_blocks=12)
+    a, b, c = req("a", 4, 4), req("b", 12, 4), req("c", 4, 4)  # padded: 12 + 4 - 1 = 15 tokens, 4 blocks each
+    for r in (a, b, c):
+        s.add(r)
+    assert served(step(s, 0.0)) == ["a", "b", "c"]
+    assert [len(r.block_ids) for r in (a, b, c)] == [4, 4, 4] and kv.num_free_blocks == 0
+    s, kv = make("static", num_blocks=11)  # three padded members no longer fit: two per batch
+    for r in (req("a", 4, 4), req("b", 12, 4), req("c", 4, 4)):
+        s.add(r)
+    assert served(step(s, 0.0)) == ["a", "b"]
+
+
+# ---- priority ----------------------------------------------------------------------------------------
+def test_priority_admits_by_priority_then_arrival():
+    s, kv = make("priority", budget=64)
+    reqs = [req("late-urgent", 4, arrival=3.0, priority=-1), req("first", 4, arrival=0.0, priority=0),
+            req("low", 4, arrival=1.0, priority=5), req("second", 4, arrival=2.0, priority=0)]
+    for r in reqs:
+        s.add(r)
+    assert served(step(s, 4.0)) == ["late-urgent", "first", "second", "low"]
+
+
+def test_priority_preempts_the_least_urgent_running_request_first():
+    s, kv = make("priority", num_blocks=6)
+    # Admitted in this order; the least urgent (largest priority) is neither the newest nor the oldest.
+    a, b, c = req("a", 8, 20, priority=0), req("b", 8, 20, priority=3, arrival=1.0), req("c", 7, 20, priority=1, arrival=2.0)
+    for r in (a, b, c):
+        s.add(r)
+    assert served(step(s, 3.0)) == ["a", "c", "b"] and kv.num_free_blocks == 0
+    plan = step(s, 4.0)  # a needs a third block: b gives way, where FCFS would preempt the newest, c
+    assert plan.preempted == [b] and served(plan) == ["a", "c"]
+    f, _ = make("fcfs", num_blocks=6)
+    for r in (req("a", 8, 20), req("b", 8, 20, arrival=1.0), req("c", 7, 20, arrival=2.0)):
+        f.add(r)
+    step(f, 3.0)
+    assert [r.request_id for r in step(f, 4.0).preempted] == ["c"]
+
+
+def test_only_the_priority_policy_honors_priority():
+    assert [name for name, cls in sorted(SCHEDULERS.items()) if cls.honors_priority] == ["priority"]
+
+
+# ---- Sarathi's admission ------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt_len, watermark, admitted", [(396, 0.01, True), (400, 0.01, False), (400, 0.0, True)])
+def test_sarathi_admits_only_a_whole_prompt_that_leaves_the_watermark_free(prompt_len, watermark, admitted):
+    s, kv = make("sarathi", {"token_budget": 64, "watermark": watermark}, num_blocks=100)  # 1% = 1 block
+    r = req("r", prompt_len)
+    s.add(r)
+    assert served(step(s, 0.0)) == (["r"] if admitted else [])
+    if admitted:
+        assert len(r.block_ids) == kv.blocks_for(prompt_len)  # the whole prompt, at once
 
 
 # ---- LARRY ---------------------------------------------------------------------------------------
@@ -147,10 +224,21 @@ def test_larry_admits_in_arrival_order_under_low_pressure():
 
 
 def test_larry_ages_a_deferred_request_in():
-    s, kv, big, small = larry_with_hog(200, 140, aging_s=10.0)
+    s, kv, big, small = larry_with_hog(200, 140, max_wait_s=10.0)
     assert served(step(s, 9.0)) == ["hog", "small"]
     assert served(step(s, 10.0)) == ["hog", "small", "big"]  # waited 10 s: in, whatever the pressure
     assert s.counters["larry_aged"] == 1
+
+
+@pytest.mark.parametrize("knobs, order", [
+    ({}, ["hog", "small"]),  # big's demand does not fit the projected free memory
+    ({"smallest_first": False}, ["hog"]),  # the head, big, does not fit: admission stops
+    ({"fit_check": False}, ["hog", "small", "big"]),  # smallest first, nothing held back
+    ({"smallest_first": False, "fit_check": False}, ["hog", "big", "small"]),  # FCFS
+])
+def test_larry_ablations(knobs, order):
+    s, kv, big, small = larry_with_hog(200, 140, **knobs)
+    assert served(step(s, 1.0)) == order
 
 
 # ---- SLAI ----------------------------------------------------------------------------------------
@@ -189,6 +277,22 @@ def test_slai_uses_the_request_tbt_and_the_high_kv_delta():
     s.add(req("b", 8, 10))
     step(s, 0.02, dt=0.01)  # now all 4 blocks are in use: delta 10
     assert s.running[1].policy_state["slai_lst"] == pytest.approx(0.03 + 0.1 - 10 * 0.01)
+
+
+@pytest.mark.parametrize("knobs, order", [({}, ["strict", "short"]), ({"strict_first": False}, ["short", "strict"])])
+def test_slai_orders_strict_users_first_by_default(knobs, order):
+    s, kv = make("slai", {"token_budget": 64, **knobs}, num_blocks=100)
+    s.add(req("short", 4))
+    s.add(req("strict", 12, tbt_slo_s=0.1))  # tighter than the default 500 ms
+    assert served(step(s, 0.0)) == order
+
+
+@pytest.mark.parametrize("now, order", [(4.5, ["short", "old"]), (6.0, ["old", "short"])])
+def test_slai_max_wait_extension_puts_requests_waiting_too_long_first(now, order):
+    s, kv = make("slai", {"token_budget": 64, "max_wait_s": 5.0}, num_blocks=100)
+    s.add(req("old", 12, arrival=0.0))
+    s.add(req("short", 4, arrival=4.0))
+    assert served(step(s, now)) == order
 
 
 def test_slai_admits_a_prefill_only_if_its_whole_prompt_fits():
@@ -292,11 +396,10 @@ def test_scls_never_preempts_and_never_outgrows_its_reservation():
 
 # ---- every policy: randomized soak -----------------------------------------------------------------
 SOAK_KNOBS = {
-    "larry": {"aging_s": 0.02},
+    "larry": {"max_wait_s": 0.02},
     "sarathi": {"token_budget": 32, "max_running": 12},
     "scls": {"slice_len": 8},
     "slai": {"token_budget": 32, "max_active": 12, "max_decodes": 8},
-    "sls": {"batch_size": 5},
 }
 
 
@@ -356,5 +459,22 @@ def test_soak(name, seed):
         assert s.counters["larry_deferred"] > 0 and s.counters["larry_aged"] > 0
     elif name == "scls":
         assert s.num_preemptions == 0 and s.counters["scls_slices"] > 0
-    elif name in ("fcfs", "sarathi", "slai", "sls"):
+    elif name in ("fcfs", "priority", "sarathi", "slai"):
         assert s.num_preemptions > 0
+    elif name in ("ils", "sls", "static"):
+        assert s.num_preemptions == 0  # worst case reserved up front
+
+
+# ---- the shared expected-output rule -------------------------------------------------------------------
+@pytest.mark.parametrize("mode, expected", [("history", 100.0), ("max-tokens", 500.0), ("oracle", 500.0)])
+def test_expected_output_follows_the_configured_mode(mode, expected):
+    kv = KVBlockManager(64, 4)
+    s = make_scheduler("larry", SchedulerConfig(max_model_len=4096, output_length=mode), kv)
+    for _ in range(3):  # finished requests with 20-token prompts all produced 100 tokens
+        s.output_lengths.observe(prompt_tokens=20, output_tokens=100)
+    r = Request("r", [5] * 20, 500, 0.0)
+    assert s.expected_output(r) == expected
+    assert s.expected_output(Request("long", [5] * 3000, 500, 0.0)) == (128.0 if mode == "history" else 500.0)
+    r.ignore_eos = True  # a request that says it runs to its limit is taken at its word in every mode
+    assert s.expected_output(r) == 500.0
+    assert s.stats().output_lengths.mode == mode

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from loadgen.metrics import mean_ci95
 from loadgen.report import load_results
-from loadgen.simulate import SimulationError, StepModel, build_parser, fit_step_log, main, simulate
+from loadgen.simulate import (PRESETS, SLAI_PLOT1_BATCH_MS, SimulationError, StepModel, build_parser, fit_step_log,
+                              main, simulate)
+from loadgen.sweep import capacity_of
 from scheduling import SCHEDULERS, StepPlan
 from scheduling.policies.fcfs import FCFS
 from server_utils import CONV_TRACE
@@ -114,3 +117,73 @@ def test_a_stalled_scheduler_is_an_error_not_a_hang(tmp_path, monkeypatch):
     monkeypatch.setitem(SCHEDULERS, "stuck", Stuck)
     with pytest.raises(SimulationError, match="never finished"):
         run(tmp_path, "--scheduler", "stuck", "--num-requests", "5")
+
+
+# ---- issue 14: presets, output-length modes, time limit, seeds, capacity -------------------------------
+def test_rtx6000ada_preset_reproduces_the_slai_authors_batch_times():
+    model, kv_tokens, _ = PRESETS["rtx6000ada-mistral7b"]
+    assert model.c3 == pytest.approx(131072 / 960e9) and model.c2 == 0.0
+    for chunk, ms in SLAI_PLOT1_BATCH_MS:  # each batch: one chunk of a 2048-token prompt
+        sizes = [chunk] * (2048 // chunk) + ([2048 % chunk] if 2048 % chunk else [])
+        ends = np.cumsum(sizes)
+        predicted = np.mean([model.c0 + model.c1 * n + model.c3 * end for n, end in zip(sizes, ends)])
+        assert predicted * 1e3 == pytest.approx(ms, abs=3.5), chunk
+    assert kv_tokens == 236_000
+
+
+def test_output_length_mode_decides_what_policies_know(tmp_path):
+    # ILS reserves prompt + max_tokens: told the true lengths it packs more requests than when
+    # max_tokens is only the workload's limit. Outputs end at the trace's lengths either way.
+    argv = ("--scheduler", "ils", "--num-requests", "150", "--rate", "40", "--kv-tokens", "40000")
+    oracle = run(tmp_path, *argv, "--output-length", "oracle", name="oracle")
+    limit = run(tmp_path, *argv, "--output-length", "max-tokens", name="limit")
+    for r in (oracle, limit):
+        assert_exact(r, 150)
+    assert (oracle["config"]["output_length"], limit["config"]["output_length"]) == ("oracle", "max-tokens")
+    assert limit["config"]["max_tokens"] == max(r["output_tokens"] for r in limit["requests"])
+    assert limit["summary"]["mean_queue_ms"] > 1.2 * oracle["summary"]["mean_queue_ms"]
+
+
+def test_time_limit_reports_censored_and_uncensored(tmp_path):
+    results = run(tmp_path, "--num-requests", "300", "--rate", "30", "--kv-tokens", "30000", "--time-limit", "8")
+    censored, full = results["summary"], results["summary_uncensored"]
+    assert full["completed"] == 300 and 0 < censored["completed"] < 300
+    assert censored["censored_requests"] == 300 - censored["completed"]
+    ends = sorted(r["start_s"] + r["e2el_ms"] / 1e3 for r in results["requests"])
+    assert censored["completed"] == sum(e <= 8 for e in ends)
+    # The censored run misses the slowest requests, so its tail is lighter.
+    assert censored["p99_e2el_ms"] < full["p99_e2el_ms"]
+    assert set(censored["ttft_by_prompt"]) <= set(full["ttft_by_prompt"])
+
+
+def test_seeds_report_the_mean_and_a_student_t_interval(tmp_path):
+    results = run(tmp_path, "--num-requests", "60", "--rate", "20", "--seeds", "3", "--seed", "4", "--summary-only")
+    per_seed = results["seed_summaries"]
+    assert [load_results(tmp_path / "run" / f"seed_{s}")["config"]["seed"] for s in (4, 5, 6)] == [4, 5, 6]
+    ttft = [s["mean_ttft_ms"] for s in per_seed]
+    assert results["summary"]["mean_ttft_ms"] == pytest.approx(np.mean(ttft))
+    assert results["summary_ci95"]["mean_ttft_ms"] == pytest.approx(4.303 * np.std(ttft, ddof=1) / np.sqrt(3))
+    on_disk = load_results(tmp_path / "run")
+    assert on_disk["summary_ci95"] == results["summary_ci95"] and on_disk["config"]["seeds"] == 3
+
+
+def test_the_95_interval_covers_a_known_mean_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    for k in (2, 5, 12):
+        trials = rng.normal(10.0, 3.0, size=(4000, k))
+        covered = 0
+        for sample in trials:
+            mean, half = mean_ci95(sample.tolist())
+            covered += abs(mean - 10.0) <= half
+        assert covered / len(trials) == pytest.approx(0.95, abs=0.012), k
+    assert mean_ci95([1, 2, 3, 4, 5]) == pytest.approx((3.0, 2.776 * np.std([1, 2, 3, 4, 5], ddof=1) / np.sqrt(5)))
+
+
+def test_capacity_is_the_highest_load_meeting_the_slo():
+    met = {"100": {"met": True}}
+    runs = [{"median_ttft_ms": 100, "tbt_tiers": met}, {"median_ttft_ms": 400, "tbt_tiers": met},
+            {"median_ttft_ms": 700, "tbt_tiers": met}]
+    assert capacity_of([1, 2, 3], runs, "median_ttft_ms", 500, tbt=True) == (pytest.approx(2 + 100 / 300), False)
+    runs[2] = {"median_ttft_ms": 300, "tbt_tiers": {"100": {"met": False}}}
+    assert capacity_of([1, 2, 3], runs, "median_ttft_ms", 500, tbt=True) == (2, False)  # TBT missed at 3
+    assert capacity_of([1, 2, 3], runs, "median_ttft_ms", 500, tbt=False) == (3, True)  # met everywhere: >= 3

@@ -39,20 +39,18 @@ class SCLSOffload(BalancerPolicy):
         model_c3: float = PRIOR[3]  # seconds per KV token read
         step_tokens: int = 2048  # the workers' token budget per step
         step_seqs: int = 256  # the workers' cap on running requests
-        prior_output_tokens: float = 128.0  # expected output before a worker's first report
 
     def finish_time(self, request: GenerateRequest, worker: WorkerLoad) -> float:
         """Estimated seconds until `request` would finish on `worker`."""
         k, r, sent = self.knobs, worker.stats, worker.unreported
-        mean_output = r.expected_output_tokens if r else k.prior_output_tokens
         others = (r.num_running + r.num_waiting if r else 0) + len(sent)
         prefill = ((r.waiting_prefill_tokens if r else 0) + sum(len(u.prompt_token_ids) for u in sent)
                    + len(request.prompt_token_ids))
         # Outstanding tokens beyond the queued prompts are (mostly) decode still to come.
         decode = ((max(0.0, r.outstanding_tokens - r.waiting_prefill_tokens) if r else 0.0)
-                  + sum(expected_output(u, mean_output) for u in sent))
+                  + sum(expected_output(u, worker) for u in sent))
         context = (r.running_tokens if r else 0) + prefill
-        output = max(1.0, expected_output(request, mean_output))
+        output = max(1.0, expected_output(request, worker))
         batch = min(1.0 + min(decode, others * output) / output, k.step_seqs)
         share = max(1.0, (others + 1) / k.step_seqs)  # more requests than seats: each holds one part of the time
         step = k.model_c0 + (k.model_c1 + k.model_c2) * batch + k.model_c3 * batch * context / (others + 1)

@@ -32,10 +32,10 @@ class FCFS(Scheduler):
                 continue
             chunk = self.continue_running(request, budget)
             while chunk is None:
-                # The newest running request not yet served this step (`order` may differ from
-                # admission order); at worst the request itself.
+                # A running request not yet served this step (`order` may differ from admission
+                # order); at worst the request itself.
                 served = {c.request for c in plan.chunks}
-                victim = next(r for r in reversed(self.running) if r not in served)
+                victim = self.victim([r for r in self.running if r not in served])
                 self.preempt(victim)
                 plan.preempted.append(victim)
                 if victim is request:
@@ -45,6 +45,10 @@ class FCFS(Scheduler):
                 plan.chunks.append(chunk)
                 budget -= chunk.num_tokens
         return budget
+
+    def victim(self, candidates: list[Request]) -> Request:
+        """The running request to preempt, of `candidates` (in admission order): the newest."""
+        return candidates[-1]
 
     def waiting_order(self, now: float) -> list[Request]:
         return list(self.waiting)

@@ -8,14 +8,18 @@ The rule as in the authors' code (github.com/agrimUT/SLAI, SLAIScheduler on Sara
   `high_kv_frac` of the KV blocks are in use at that moment. A decode is critical when now >= LST.
 - Each step fills `token_budget` in this order: (1) critical decodes, earliest LST first;
   (2) prefills already started, in the order they were admitted (the order they first paused);
-  (3) new prefills (fresh or preempted requests) by length, shortest first (with `strict_first`,
-  requests whose TBT target is tighter than `tbt_ms` go first); one is admitted only if KV
+  (3) new prefills (fresh or preempted requests) by length, shortest first; with `strict_first`
+  (on by default: the authors' config sets `user_priority: true`), requests whose TBT target is
+  tighter than `tbt_ms` go first; one is admitted only if KV
   blocks for all its tokens are free, and then gets them all at once, as Sarathi-Serve allocates a
   whole prompt on admission; the first that does not fit stops admission (requests preempted in
   this step wait for the next); (4) non-critical decodes, earliest LST first.
 - At most `max_decodes` decodes per step and `max_active` requests holding KV.
 - A decode that cannot get a block preempts (recompute) the most recently admitted started
   prefill not yet served this step, else it is preempted itself.
+Extension, not the paper's (off by default, so `slai` stays faithful): with `max_wait_s` > 0, new
+prefills that have waited that long go before all others (in the same order among themselves),
+which bounds the starvation of long prompts that shortest-first causes.
 Our reading: the length of a new prefill is all of its tokens (the prefix cache is not
 consulted), and the budget is fixed: RAD's "optimal tiling" is not in the released code.
 Counters: `slai_critical_decodes`, `slai_preempted_prefills`, `slai_preempted_decodes`.
@@ -40,7 +44,8 @@ class SLAI(Scheduler):
         token_budget: int = 512  # tokens per step (tau)
         max_decodes: int = 128  # decodes per step
         max_active: int = 128  # requests holding KV at once
-        strict_first: bool = False  # order new prefills by (tighter TBT than tbt_ms first, length)
+        strict_first: bool = True  # order new prefills by (tighter TBT than tbt_ms first, length), as the authors ran it
+        max_wait_s: float = 0.0  # EXTENSION, not in the paper: requests waiting this long go first (0: off)
 
     def tbt(self, request: Request) -> float:
         return request.tbt_slo_s if request.tbt_slo_s is not None else self.knobs.tbt_ms / 1000
@@ -88,14 +93,17 @@ class SLAI(Scheduler):
             plan.chunks.append(chunk)
             budget -= chunk.num_tokens
         strict_s = k.tbt_ms / 1000
-        key = (lambda r: (self.tbt(r) >= strict_s, r.num_tokens)) if k.strict_first else (lambda r: r.num_tokens)
+
+        def key(r: Request) -> tuple:
+            aged = k.max_wait_s > 0 and now - r.arrival_time >= k.max_wait_s
+            return not aged, k.strict_first and self.tbt(r) >= strict_s, r.num_tokens
+
         for r in sorted((r for r in self.waiting if r not in plan.preempted), key=key):  # victims wait a step
             if budget <= 0 or len(self.running) >= k.max_active:
                 break
-            if self.kv.blocks_for(r.num_tokens) > self.kv.num_free_blocks:
+            chunk = self.admit_reserving(r, now, budget, r.num_tokens)
+            if chunk is None:
                 break
-            chunk = self.admit(r, now, budget)
-            self.kv.allocate(r, r.num_uncomputed_tokens)  # the rest of the prompt; fits, checked above
             plan.chunks.append(chunk)
             budget -= chunk.num_tokens
         for r in decodes[num_critical:]:

@@ -1,39 +1,43 @@
-"""SLS, sequence-level scheduling (the baseline of SCLS): static batching.
+"""SLS, sequence-level scheduling (the baseline of SCLS): static batching in arrival order.
 
-Take the next `batch_size` requests in arrival order and run them until every one has finished;
-only then take the next batch. Within a batch the mechanics are FCFS's (chunked prefill in the
-engine's token budget, a member that cannot grow preempts the newest member by recompute and
-rejoins later), so the only difference from FCFS is that nobody joins a batch under way.
-The paper's SLS batch size is not public; 16 is our choice ("a small batch size", as the paper
-describes SLS).
+Take the next batch of requests in arrival order and run it until every member has finished; only
+then take the next. The batch size is chosen as the SCLS paper describes SLS choosing it: "to
+avoid out-of-memory errors, SLS batches requests using a small batch size", i.e. no larger than
+what memory holds if every member generates its maximal length. So a batch takes the next
+requests in arrival order while the sum of their worst cases (prompt plus `max_tokens`, as `ils`
+reserves) fits in the KV pool, up to the engine's seat cap; each member holds its worst case from
+admission, and nothing is ever preempted. Within a batch, steps are FCFS's (chunked prefill in the
+token budget); finished members leave, and nobody joins until the batch is done. The padding of
+a static batch is `static`'s business; SLS here pays only for the wait.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import islice
-
 from ..kv_cache import KVBlockManager
 from ..request import Request
 from ..scheduler import SchedulerConfig, StepPlan, register
-from .fcfs import FCFS
+from .ils import ILS
 
 
 @register("sls")
-class SLS(FCFS):
-    @dataclass
-    class Knobs(FCFS.Knobs):
-        batch_size: int = 16  # requests per static batch
-
-    def __init__(self, config: SchedulerConfig, kv: KVBlockManager, knobs: SLS.Knobs | None = None):
+class SLS(ILS):
+    def __init__(self, config: SchedulerConfig, kv: KVBlockManager, knobs=None):
         super().__init__(config, kv, knobs)
-        self.batch: set[Request] = set()
+        self.batch: list[Request] = []
+
+    def batch_fits(self, members: list[Request]) -> bool:
+        return sum(self.kv.blocks_for(self.reservation(r)) for r in members) <= self.kv.num_blocks
 
     def schedule(self, now: float) -> StepPlan:
         if all(r.is_finished for r in self.batch) and self.waiting:
-            self.batch = set(islice(self.waiting, self.knobs.batch_size))
-            self.count("sls_batches")
+            self.batch = [self.waiting[0]]  # one request always fits: prompts never outgrow the pool
+            for r in list(self.waiting)[1:self.config.max_num_seqs]:
+                if not self.batch_fits(self.batch + [r]):
+                    break
+                self.batch.append(r)
+            self.count(f"{self.name}_batches")
         return super().schedule(now)
 
     def waiting_order(self, now: float) -> list[Request]:
-        return [r for r in self.waiting if r in self.batch]
+        members = set(self.batch)
+        return [r for r in self.waiting if r in members]
