@@ -101,6 +101,11 @@ class EngineArgs:
     enforce_eager: bool = False
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
     seed: int = 0
+    step_log: str | None = None  # a directory: each engine appends one JSON line per step (engine/step_log.py)
+
+    def token_budget(self, device: torch.device | str) -> int:
+        """max_num_batched_tokens as given, else the default for the device."""
+        return self.max_num_batched_tokens or (2048 if torch.device(device).type == "cuda" else 512)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -9,10 +9,12 @@ import logging
 import time
 
 from scheduling import KVBlockManager, Request, SchedulerConfig, make_scheduler
+from scheduling.step_cost import chunk_shapes
 
 from .config import EngineArgs, ModelConfig
 from .messages import GenerateRequest, LoadReport, RequestTimings, TokenOutput, TopLogprobs
 from .model_runner import ModelRunner
+from .step_log import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,7 @@ class EngineCore:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {config.max_position_embeddings}")
         device = args.resolved_device()
-        if args.max_num_batched_tokens is None:
-            args.max_num_batched_tokens = 2048 if device.type == "cuda" else 512
+        args.max_num_batched_tokens = args.token_budget(device)
         self.runner = ModelRunner(config, args, self.max_model_len)
         self.kv = KVBlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         pool_tokens = self.kv.num_blocks * args.block_size
@@ -47,6 +48,7 @@ class EngineCore:
         self.scheduler = make_scheduler(args.scheduler, sched_config, self.kv, args.scheduler_knobs or None)
         self.prompt_logprobs: dict[str, list] = {}
         self.requests_in = 0
+        self.step_log = StepLog(args.step_log, worker_id) if args.step_log else None
         log.info("engine: %s (%s, %s) on %s, attention %s, %d KV blocks of %d tokens, scheduler %s",
                  config.path, config.architecture, str(config.dtype).removeprefix("torch."), device,
                  self.runner.backend.name, self.kv.num_blocks, args.block_size, args.scheduler)
@@ -83,6 +85,8 @@ class EngineCore:
             ttft_slo_s=None if req.slo.ttft_ms is None else req.slo.ttft_ms / 1000,
             tbt_slo_s=None if req.slo.tbt_ms is None else req.slo.tbt_ms / 1000,
             payload=s))
+        if self.step_log is not None:
+            self.step_log.arrival(req.request_id, req.arrival_time, n - 1, s.max_tokens)
 
     def abort(self, request_id: str) -> TokenOutput | None:
         self.prompt_logprobs.pop(request_id, None)
@@ -94,10 +98,12 @@ class EngineCore:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self, now: float | None = None) -> list[TokenOutput]:
-        now = time.monotonic() if now is None else now
+        start = time.monotonic()
+        now = start if now is None else now
         plan = self.scheduler.schedule(now)
         if not plan:
             return []
+        shapes = chunk_shapes(plan) if self.step_log is not None else None
         t0 = time.perf_counter()
         results = self.runner.execute(plan)
         elapsed = time.perf_counter() - t0
@@ -123,6 +129,10 @@ class EngineCore:
                 out.timings = RequestTimings(queue_s=(req.first_scheduled_time or done) - req.arrival_time,
                                              num_preemptions=req.num_preemptions)
             outputs.append(out)
+        if self.step_log is not None:
+            self.step_log.record(start, time.time() - (time.monotonic() - start), elapsed, shapes,
+                                 [c.request.request_id for c in plan.chunks],
+                                 [id(c.request) in touched for c in plan.chunks], self.scheduler.has_work())
         return outputs
 
     def load_report(self) -> LoadReport:

@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight requests may take to finish")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-log", metavar="DIR", default=None,
+                   help="each worker appends one JSON line per step to DIR/worker-<id>.jsonl (loadgen simulate fit)")
     p.add_argument("--log-level", default="info")
     add_knob_flags(p, SCHEDULERS)
     add_knob_flags(p, BALANCERS)
@@ -77,6 +79,7 @@ def main(argv=None) -> None:
 
     from .app import AppState, ServerConfig, build_app
     from .engine_client import EngineClient
+    from .server_info import server_info, server_settings
 
     model_path = Path(args.model) if args.model else ensure_demo_model()
     if not (model_path / "config.json").is_file():
@@ -89,7 +92,7 @@ def main(argv=None) -> None:
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
         scheduler=args.scheduler, scheduler_knobs=knob_values(args, SCHEDULERS, args.scheduler),
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-        load_format=args.load_format, seed=args.seed)
+        load_format=args.load_format, seed=args.seed, step_log=args.step_log)
     devices = worker_devices(args)
     tokenizer = load_tokenizer(model_path)
     vocab_size = json.loads((model_path / "config.json").read_text())["vocab_size"]
@@ -105,6 +108,7 @@ def main(argv=None) -> None:
                      r.attention_backend, r.max_model_len)
         log.info("serving %s (%s) with %d worker(s), scheduler %s, balancer %s, at http://%s:%d/v1",
                  name, model_path, len(ready), args.scheduler, args.balancer, args.host, args.port)
+        app.state.server_info = server_settings(args, engine_args, ready, str(model_path))
         app.state.halffull = AppState(client, tokenizer, ServerConfig(
             served_model_name=name, max_model_len=ready[0].max_model_len, vocab_size=vocab_size,
             api_key=args.api_key, protect_metrics=args.protect_metrics,
@@ -116,6 +120,7 @@ def main(argv=None) -> None:
             log.info("shut down cleanly")
 
     app = build_app(lifespan)
+    app.add_route("/server_info", server_info, methods=["GET"])
 
     def stop_accepting():
         if app.state.halffull is not None:
