@@ -11,7 +11,8 @@ import pytest
 from rich.console import Console
 
 from loadgen.report import load_results
-from loadgen.simulate import SimulationError, StepModel, build_parser, fit_step_log, main, simulate
+from loadgen.simulate import SimulationError, build_parser, main, simulate
+from loadgen.step_model import StepModel, fit_step_log
 from scheduling import SCHEDULERS, StepPlan
 from scheduling.policies.fcfs import FCFS
 from server_utils import CONV_TRACE
