@@ -56,12 +56,14 @@ def json_safe(config: dict) -> dict:
 
 def write_results(
     output_dir: str | Path, summary: dict, records: list[RequestRecord | dict], config: dict,
-    timeseries: dict, server: dict,
+    timeseries: dict, server: dict, extra: dict | None = None,
 ) -> Path:
-    """Write results.json; one request per line keeps a file of thousands of requests readable."""
+    """Write results.json; one request per line keeps a file of thousands of requests readable.
+    `extra`: more top-level sections (a replay's "live" and "relative_error")."""
     path = Path(output_dir) / RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
-    sections = {"summary": summary, "config": json_safe(config), "server": server, "timeseries": timeseries}
+    sections = {"summary": summary, "config": json_safe(config), "server": server, "timeseries": timeseries,
+                **(extra or {})}
     parts = [f'"{key}": {msgspec.json.format(_encode(value), indent=2).decode()}' for key, value in sections.items()]
     parts.append('"requests": [\n' + ",\n".join(_encode(row).decode() for row in records) + "\n]")
     path.write_text("{\n" + ",\n".join(parts) + "\n}\n")

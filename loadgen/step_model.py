@@ -296,10 +296,17 @@ def server_path(rows: list[dict], results: dict) -> dict:
 def fit(step_log: str | Path, results_dir: str | Path | None = None, overlap: float | None = None
         ) -> tuple[StepModel, dict]:
     rows = read_step_logs(step_log)
-    model, quality = fit_steps(rows, overlap)
+    results = None
     if results_dir is not None:
         from loadgen.report import load_results
-        path = server_path(rows, load_results(results_dir))
+        results = load_results(results_dir)
+        t0 = results["config"].get("t0_monotonic")
+        if t0 is not None:  # a log directory may hold several runs: fit the steps of this one
+            end = t0 + results["summary"]["duration"] + 1.0
+            rows = [r for r in rows if "start" not in r or t0 - 1.0 <= r["start"] <= end]
+    model, quality = fit_steps(rows, overlap)
+    if results is not None:
+        path = server_path(rows, results)
         model = dataclasses.replace(model, request_s=path["request_s"], token_s=path["token_s"])
         quality["standard_errors"] |= path["standard_errors"]
         quality["paired_requests"] = path["paired_requests"]
