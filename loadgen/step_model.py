@@ -184,17 +184,24 @@ def _fit_overlap(x: np.ndarray, y: np.ndarray, overlap: float) -> np.ndarray:
     # Terms the data cannot tell apart are left out: attention pairs that were never logged, and
     # the per-step weight stream, which at overlap 0 is one more constant beside c0.
     active = [j for j in range(6) if not (j == 5 and not x[:, 3].any()) and not (j == 2 and overlap == 0)]
-    memory_bound = np.ones(len(x), dtype=bool)
-    coef = np.zeros(6)
-    for _ in range(20):  # alternate: regimes from the coefficients, coefficients from the regimes
-        coef = _nonneg_lstsq(_design(x, overlap, memory_bound), y, active)
-        memory = coef[2] + coef[3] * x[:, 2]
-        compute = coef[4] * x[:, 0] + coef[5] * x[:, 3]
-        now_bound = memory >= compute
-        if (now_bound == memory_bound).all():
-            break
-        memory_bound = now_bound
-    return coef
+    summed = _nonneg_lstsq(_design(x, 0.0, np.ones(len(x), dtype=bool)), y, [j for j in active if j != 2])
+    if overlap == 0:
+        return summed
+    best, best_sse = summed, math.inf
+    # Alternate: regimes from the coefficients, coefficients from the regimes. The split is not
+    # convex, so start from each plain guess and from the sum's coefficients; keep the best.
+    for memory_bound in (np.ones(len(x), dtype=bool), np.zeros(len(x), dtype=bool),
+                         summed[3] * x[:, 2] >= summed[4] * x[:, 0] + summed[5] * x[:, 3]):
+        for _ in range(30):
+            coef = _nonneg_lstsq(_design(x, overlap, memory_bound), y, active)
+            now_bound = coef[2] + coef[3] * x[:, 2] >= coef[4] * x[:, 0] + coef[5] * x[:, 3]
+            if (now_bound == memory_bound).all():
+                break
+            memory_bound = now_bound
+        sse = float(np.sum((_design(x, overlap, now_bound) @ coef - y) ** 2))
+        if sse < best_sse:
+            best, best_sse = coef, sse
+    return best
 
 
 def _model(coef: np.ndarray, overlap: float, **path) -> StepModel:
