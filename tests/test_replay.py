@@ -3,8 +3,9 @@ a different live run replayed through the simulator, within 10% on the figures t
 
 Live: `python -m server --workers 2 --balancer sal --step-log DIR` on the demo model, driven by
 `python -m loadgen` with Azure conversation requests (prompt + output clamped to 256 tokens so that
-200 of them fit in about a minute on 2 cores) at a rate where the two workers batch and requests
-wait for the step in flight. `simulate fit` on the first run, `loadgen replay` of the second.
+200 of them fit in about a minute on 2 cores): a fit run with 16 requests in flight, then the
+measured run at 80% of the rate the fit run sustained. `simulate fit` on the first run, `loadgen
+replay` of the second.
 """
 
 import json
@@ -27,9 +28,9 @@ def loadgen(*argv: str) -> str:
     return result.stdout
 
 
-def live_run(server: ServerProcess, out, seed: int, num_requests: int, rate: float) -> dict:
+def live_run(server: ServerProcess, out, seed: int, num_requests: int, *load: str) -> dict:
     loadgen("--base-url", server.url + "/v1", "--workload", str(CONV_TRACE), "--max-model-len", "256",
-            "--seed", str(seed), "--num-requests", str(num_requests), "--rate", str(rate), "--output", str(out))
+            "--seed", str(seed), "--num-requests", str(num_requests), *load, "--output", str(out))
     return json.loads((out / "results.json").read_text())
 
 
@@ -38,8 +39,12 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replay")
     server = ServerProcess("--workers", "2", "--balancer", "sal", "--step-log", str(tmp / "steps"))
     try:
-        fit_run = live_run(server, tmp / "fit", seed=1, num_requests=100, rate=3.0)
-        measured = live_run(server, tmp / "measured", seed=0, num_requests=200, rate=3.5)
+        # The fit run keeps 16 requests in flight: steps of every batch size up to there, and the
+        # machine's capacity. The measured run's Poisson arrivals then come at 80% of it, whatever the
+        # speed of the machine: busy enough that requests queue behind steps and bursts, yet stable.
+        fit_run = live_run(server, tmp / "fit", 1, 100, "--rate", "inf", "--max-concurrency", "16")
+        rate = 0.8 * fit_run["summary"]["request_throughput"]
+        measured = live_run(server, tmp / "measured", 0, 200, "--rate", f"{rate:.3f}")
     finally:
         assert server.stop() == 0, server.output()
     return tmp, fit_run, measured
