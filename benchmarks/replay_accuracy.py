@@ -2,11 +2,12 @@
 log, a fit run, then live runs at several rates, each replayed through the simulator on the fitted
 step model; prints and writes the relative error of each figure.
 
-    python benchmarks/replay_accuracy.py --schedulers fcfs,larry,slai,sarathi --rates 2.5,3,3.5 \
+    python benchmarks/replay_accuracy.py --schedulers fcfs,larry,slai,sarathi --loads 0.5,0.7,0.9 \
         --num-requests 400 --output out/replay-accuracy
 
 The same CPU setup as tests/test_replay.py (demo model, 2 workers, SAL, Azure conversation requests
-clamped to --max-model-len tokens), larger.
+clamped to --max-model-len tokens), larger: the fit run keeps 16 requests in flight; each measured
+run sends Poisson arrivals at a fraction (--loads) of the rate the fit run sustained.
 """
 
 from __future__ import annotations
@@ -31,16 +32,15 @@ def loadgen(*argv: str) -> None:
                    env={**os.environ, "COLUMNS": "160"})
 
 
-def live(server: ServerProcess, out: Path, args, seed: int, rate: str, num_requests: int) -> None:
+def live(server: ServerProcess, out: Path, args, seed: int, num_requests: int, *load: str) -> None:
     loadgen("--base-url", server.url + "/v1", "--workload", args.workload, "--max-model-len", str(args.max_model_len),
-            "--seed", str(seed), "--num-requests", str(num_requests), "--rate", rate, "--output", str(out))
+            "--seed", str(seed), "--num-requests", str(num_requests), *load, "--output", str(out))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schedulers", default="fcfs")
-    p.add_argument("--rates", default="3.5")
-    p.add_argument("--fit-rate", default="3")
+    p.add_argument("--loads", default="0.8", help="measured runs' rates, as fractions of the fit run's throughput")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--fit-requests", type=int, default=100)
     p.add_argument("--max-model-len", type=int, default=256)
@@ -52,26 +52,34 @@ def main() -> None:
         out = args.output / scheduler
         server = ServerProcess("--workers", "2", "--balancer", "sal", "--scheduler", scheduler,
                                "--step-log", str(out / "steps"))
+        rates = []
         try:
-            live(server, out / "fit", args, 1, args.fit_rate, args.fit_requests)
-            for rate in args.rates.split(","):
-                live(server, out / f"live-{rate}", args, 0, rate, args.num_requests)
+            live(server, out / "fit", args, 1, args.fit_requests, "--rate", "inf", "--max-concurrency", "16")
+            capacity = json.loads((out / "fit" / "results.json").read_text())["summary"]["request_throughput"]
+            for load in args.loads.split(","):
+                rates.append(f"{float(load) * capacity:.3f}")
+                live(server, out / f"live-{rates[-1]}", args, 0, args.num_requests, "--rate", rates[-1])
         finally:
             server.stop()
         loadgen("simulate", "fit", "--step-log", str(out / "steps"), "--results", str(out / "fit"),
                 "--output", str(out / "model.json"))
-        for rate in args.rates.split(","):
+        for rate in rates:
             loadgen("replay", str(out / f"live-{rate}"), "--step-model", str(out / "model.json"),
                     "--output", str(out / f"replay-{rate}"))
             r = json.loads((out / f"replay-{rate}" / "results.json").read_text())
             table[f"{scheduler} @ {rate}/s"] = {k: (r["live"].get(k), r["summary"].get(k), r["relative_error"].get(k))
                                                for k in FIGURES}
-    (args.output / "accuracy.json").write_text(json.dumps(table, indent=2))
-    print("| run | " + " | ".join(FIGURES) + " |")
-    print("|---" * (len(FIGURES) + 1) + "|")
+        write_table(args.output, table)  # after each scheduler: a long run that is cut short keeps what it has
+
+
+def write_table(output: Path, table: dict) -> None:
+    (output / "accuracy.json").write_text(json.dumps(table, indent=2))
+    lines = ["| run | " + " | ".join(FIGURES) + " |", "|---" * (len(FIGURES) + 1) + "|"]
     for run, figures in table.items():
         cells = [f"{lv:.1f} / {sv:.1f} ({e:+.1%})" if e is not None else "-" for lv, sv, e in figures.values()]
-        print(f"| {run} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    (output / "accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
