@@ -329,11 +329,6 @@ def fit(step_log: str | Path, results_dir: str | Path | None = None, overlap: fl
     return model, quality
 
 
-def fit_step_log(path: str | Path) -> tuple[StepModel, dict]:
-    """The linear model c0 + c1*T + c2*S + c3*K (overlap 0) from one step log file or directory."""
-    return fit_steps(read_step_logs(path), overlap=0.0)
-
-
 def fit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m loadgen simulate fit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
