@@ -24,17 +24,13 @@ class StepFeatures:
     @classmethod
     def of_chunks(cls, chunks) -> StepFeatures:
         """From (start, num_tokens, is_decode) triples."""
-        tokens = seqs = prefill = decode = kv = pairs = 0
-        for start, n, is_decode in chunks:
-            tokens += n
-            seqs += 1
-            if is_decode:
-                decode += 1
-            else:
-                prefill += n
-            kv += start + n
-            pairs += n * start + n * (n + 1) // 2
-        return cls(tokens, seqs, prefill, decode, kv, pairs)
+        if not chunks:
+            return cls(0, 0, 0, 0, 0, 0)
+        starts, sizes, decodes = zip(*chunks)
+        tokens = sum(sizes)
+        decode = sum(decodes)  # a decode is one token
+        pairs = sum(map(int.__mul__, sizes, starts)) + sum(n * (n + 1) // 2 for n in sizes)
+        return cls(tokens, len(sizes), tokens - decode, decode, sum(starts) + tokens, pairs)
 
     def linear_terms(self) -> tuple[float, float, float, float]:
         """(1, tokens, sequences, KV tokens read): the terms of the linear step model
