@@ -111,6 +111,11 @@ class EngineArgs:
     # primitive of about 0.6 MB per weight and distinct batch size, so memory grows with the shapes seen.
     cpu_prepack_weights: bool = False
     seed: int = 0
+    step_log: str | None = None  # a directory: each engine appends one JSON line per step (engine/step_log.py)
+
+    def token_budget(self, device: torch.device | str) -> int:
+        """max_num_batched_tokens as given, else the default for the device."""
+        return self.max_num_batched_tokens or (2048 if torch.device(device).type == "cuda" else 512)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

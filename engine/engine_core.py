@@ -10,11 +10,13 @@ import logging
 import time
 
 from scheduling import KVBlockManager, SchedulerConfig, make_scheduler
+from scheduling.step_cost import chunk_shapes
 
 from .config import EngineArgs, ModelConfig
 from .messages import GenerateRequest, LoadReport, RequestTimings, TokenOutput, TopLogprobs
 from .model_runner import ModelRunner
 from .requests import scheduler_request
+from .step_log import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ class EngineCore:
         args = args or EngineArgs()
         device = args.resolved_device()
         if args.max_num_batched_tokens is None:  # a copy: the caller's arguments stay as they were
-            args = dataclasses.replace(args, max_num_batched_tokens=2048 if device.type == "cuda" else 512)
+            args = dataclasses.replace(args, max_num_batched_tokens=args.token_budget(device))
         self.args = args
         self.worker_id = worker_id
         self.model_config = config = ModelConfig.load(model_path, args.dtype)
@@ -51,6 +53,7 @@ class EngineCore:
         self.scheduler = make_scheduler(args.scheduler, sched_config, self.kv, args.scheduler_knobs or None)
         self.prompt_logprobs: dict[str, list] = {}
         self.requests_in = 0
+        self.step_log = StepLog(args.step_log, worker_id) if args.step_log else None
         log.info("engine: %s (%s, %s) on %s, attention %s, %d KV blocks of %d tokens, scheduler %s",
                  config.path, config.architecture, str(config.dtype).removeprefix("torch."), device,
                  self.runner.backend.name, self.kv.num_blocks, args.block_size, args.scheduler)
@@ -77,6 +80,9 @@ class EngineCore:
         self.requests_in += 1
         self.validate(message)
         self.scheduler.add(scheduler_request(message, payload=message.sampling))
+        if self.step_log is not None:
+            self.step_log.arrival(message.request_id, message.arrival_time, len(message.prompt_token_ids),
+                                  message.sampling.max_tokens)
 
     def abort(self, request_id: str) -> TokenOutput | None:
         self.prompt_logprobs.pop(request_id, None)
@@ -88,10 +94,12 @@ class EngineCore:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self, now: float | None = None) -> list[TokenOutput]:
-        now = time.monotonic() if now is None else now
+        start = time.monotonic()
+        now = start if now is None else now
         plan = self.scheduler.schedule(now)
         if not plan:
             return []
+        shapes = chunk_shapes(plan) if self.step_log is not None else None
         t0 = time.perf_counter()
         results = self.runner.execute(plan)
         elapsed = time.perf_counter() - t0
@@ -119,6 +127,10 @@ class EngineCore:
                 out.timings = RequestTimings(queue_s=(request.first_scheduled_time or done) - request.arrival_time,
                                              num_preemptions=request.num_preemptions)
             outputs.append(out)
+        if self.step_log is not None:
+            self.step_log.record(start, time.time() - (time.monotonic() - start), elapsed, shapes,
+                                 [c.request.request_id for c in plan.chunks],
+                                 [id(c.request) in touched for c in plan.chunks], self.scheduler.has_work())
         return outputs
 
     def load_report(self) -> LoadReport:

@@ -1,4 +1,4 @@
-"""python -m loadgen [compare|sweep|simulate] ...: with no command, a benchmark run against a server.
+"""python -m loadgen [compare|sweep|simulate|replay] ...: with no command, a benchmark run against a server.
 
 Every command lives in its own module as `main(argv) -> exit code`, imported only when asked for.
 `loadgen/simulate.py` is to follow that shape: build its parser with args.add_workload_args and
@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"compare": "loadgen.compare", "sweep": "loadgen.sweep", "simulate": "loadgen.simulate"}
+COMMANDS = {"compare": "loadgen.compare", "sweep": "loadgen.sweep", "simulate": "loadgen.simulate",
+            "replay": "loadgen.replay"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,9 +98,12 @@ async def _run(args, console: Console) -> dict:
             t0, n = time.perf_counter(), len(schedule)
             await asyncio.gather(*(one(n + i, schedule[i % n], t0) for i in range(args.warmup)))
 
+        server_info = await _server_info(http, root)
         poller = MetricsPoller(f"{root}/metrics", args.metrics_interval, headers)
         lags: list[float] = []
         t0 = time.perf_counter()
+        # Send times are seconds after t0; these place t0 on the clocks the server's step log uses.
+        clocks = {"t0_monotonic": time.monotonic() - (time.perf_counter() - t0), "t0_wall": time.time()}
         await poller.start(t0)
         lag_task = asyncio.create_task(_watch_loop_lag(lags))
         records = await _dispatch(schedule, one, t0)
@@ -122,6 +125,8 @@ async def _run(args, console: Console) -> dict:
         "tokenizer_source": vocab.source,
         "prompt_kind": "token_ids" if make_prompt.token_ids else "text",
         "num_requests_sent": len(schedule),
+        "server_info": server_info,
+        **clocks,
     }
     timeseries = client_timeseries(records, duration)
     write_results(args.output, summary, records, config, timeseries, server)
@@ -161,6 +166,15 @@ async def _watch_loop_lag(lags: list[float]) -> None:
         before = time.perf_counter()
         await asyncio.sleep(_LAG_PERIOD_S)
         lags.append(time.perf_counter() - before - _LAG_PERIOD_S)
+
+
+async def _server_info(http: httpx.AsyncClient, root: str) -> dict | None:
+    """The server's settings (halffull's /server_info), which `loadgen replay` simulates; None elsewhere."""
+    try:
+        response = await http.get(f"{root}/server_info")
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 async def _discover_model(http: httpx.AsyncClient, base_url: str, model: str | None) -> tuple[str, int | None]:

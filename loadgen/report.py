@@ -59,7 +59,7 @@ def write_results(
     timeseries: dict, server: dict, extra: dict | None = None,
 ) -> Path:
     """Write results.json; one request per line keeps a file of thousands of requests readable.
-    `extra`: more top-level sections (e.g. the simulator's summary_ci95)."""
+    `extra`: more top-level sections (the simulator's summary_ci95, a replay's "live" and "relative_error")."""
     path = Path(output_dir) / RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
     sections = {"summary": summary, "config": json_safe(config), "server": server, "timeseries": timeseries,

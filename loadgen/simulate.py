@@ -4,11 +4,11 @@ virtual time, writing the same results.json and plots as a live run.
     python -m loadgen simulate --scheduler fcfs [--balancer sal --workers 4]
         [--preset h100-llama3-8b | --step-model FILE | --fit-step-log FILE] [--kv-tokens K]
         --workload PATH.csv --rate R --output DIR
-    python -m loadgen simulate fit STEPLOG [--output FILE]
+    python -m loadgen simulate fit --step-log DIR [--results RUN_DIR] --output MODEL.json
 
 Discrete events in virtual time. Each worker is a real Scheduler over a real KVBlockManager; a step
-takes `c0 + c1*batched_tokens + c2*num_seqs + c3*kv_tokens_read` seconds (kv_tokens_read: the
-context lengths of the scheduled sequences, summed). Requests reach the balancer at their arrival
+takes what the step model (loadgen/step_model.py) charges for the work scheduling/step_cost.py
+counts in its plan. Requests reach the balancer at their arrival
 times, and the real balancer policy routes them over real WorkerLoads. A worker does what the
 worker process does: after each step it sends a LoadReport built from its scheduler's stats(),
 which the balancer sees `--report-delay-ms` later, then it takes in the requests that arrived
@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import heapq
-import json
 import math
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -53,118 +51,16 @@ from loadgen.args import add_output_arg, add_workload_args, positive_float, posi
 from loadgen.metrics import (RequestRecord, aggregate, benchmark_duration, client_timeseries, summarize,
                              worker_balance)
 from loadgen.report import MAIN_METRICS, plot_run, print_summary, write_results
+from loadgen.step_model import PRESETS, StepModel, fit_main
 from loadgen.workload import build_schedule, clamp_to_context
 from scheduling import SCHEDULERS, KVBlockManager, SchedulerConfig, make_scheduler
 from scheduling.output_length import BUCKET_EDGES, MODES, bucket, bucket_label
 from scheduling.registry import add_knob_flags, knob_values
+from scheduling.step_cost import step_features
 
 SAMPLED_TOKEN, EOS_TOKEN = 0, 1  # what a step "samples": any token, then EOS at the trace's length
 STALL_STEPS = 100_000  # steps in a row without a token after which a worker counts as livelocked
 TIMELINE_POINTS = 200
-
-
-@dataclass(frozen=True)
-class StepModel:
-    c0: float  # seconds per step
-    c1: float  # per batched token
-    c2: float  # per scheduled sequence
-    c3: float  # per KV token read
-
-    def __post_init__(self):
-        if min(self.c0, self.c1, self.c2, self.c3) < 0 or self.c0 + self.c1 <= 0:
-            raise ValueError(f"step model coefficients must be >= 0 and give steps a positive time: {self}")
-
-    @classmethod
-    def load(cls, path: str | Path) -> StepModel:
-        coef = json.loads(Path(path).read_text())
-        names = ("c0", "c1", "c2", "c3")
-        if not isinstance(coef, dict) or not set(names) <= coef.keys():
-            raise ValueError(f"{path}: expected a JSON object with {', '.join(names)}")
-        return cls(*(float(coef[k]) for k in names))
-
-
-def h100_llama3_8b() -> tuple[StepModel, int, int]:
-    """An H100 80GB serving a Llama-3.1-8B-shaped bf16 model (design.md §5): the step model, the KV
-    tokens per worker and the context length.
-
-    Inputs: 3.0 TB/s copy bandwidth, 800 TFLOP/s bf16 matmul, 16.06 GB of weights read every step,
-    8.03e9 parameters, 131072 bytes of KV per token. A roofline takes the max of memory and compute
-    time; a linear model can only sum them, so:
-    - c0 = 6.1 ms: the weights read once per step, 16.06 GB / 3.0 TB/s = 5.35 ms, plus 0.75 ms of
-      fixed overhead; 6.1 ms is the measured batch-1 decode step (82% of the bandwidth bound).
-    - c1 = 2 * 8.03e9 FLOP / 800 TFLOP/s = 20.1 µs per token: matmul compute at peak.
-    - c3 = 131072 B / 3.0 TB/s = 43.7 ns per KV token read: attention reads each sequence's KV once.
-    - c2 = 0: the measured decode steps (6.1 ms at batch 1, 8.5 ms at batch 256, before attention)
-      already grow more slowly than c1 charges; there is no room left for a per-sequence cost.
-    A decode step of 256 sequences at 1k context then costs 6.1 + 5.1 + 11.2 = 22.5 ms, three quarters
-    of it weight and KV reads: bandwidth-bound. A 2048-token prefill step costs 6.1 + 41.1 = 47.2 ms,
-    87% of it compute: compute-bound, at the 87% of peak the 41.1 ms roofline time then implies.
-    The sum overcharges steps near the ridge point (about 256 tokens) by up to 30%.
-    KV per worker: what is left of 90% of the 80 GB after the weights, (72 - 16.06) GB / 131072 B =
-    426,788 tokens.
-    """
-    bandwidth, flops, memory, weights, params, kv_bytes = 3.0e12, 800e12, 80e9, 16.06e9, 8.03e9, 131072
-    model = StepModel(c0=6.1e-3, c1=2 * params / flops, c2=0.0, c3=kv_bytes / bandwidth)
-    return model, int((memory * 0.9 - weights) / kv_bytes), 131072  # Llama 3.1's context length
-
-
-# The SLAI authors' measured Sarathi-Serve batch times: Mistral-7B-Instruct-v0.2 on one RTX 6000 Ada,
-# one 2048-token prompt prefilled in chunks of `chunk` tokens at batch size 1, mean batch time in ms
-# (github.com/agrimUT/SLAI, scripts/plot1_results.csv, columns chunk and batch_ms; made by
-# scripts/run_plot1.sh).
-SLAI_PLOT1_BATCH_MS = ((64, 22.717), (128, 24.070), (256, 28.817), (384, 37.796), (512, 46.512),
-                       (768, 57.083), (1024, 74.693))
-
-
-def rtx6000ada_mistral7b() -> tuple[StepModel, int, int]:
-    """One RTX 6000 Ada (48 GB, 960 GB/s) serving Mistral-7B-Instruct-v0.2 in bf16, the SLAI paper's
-    machine: the step model, the KV tokens and the context length.
-
-    Fitted to SLAI_PLOT1_BATCH_MS. Each batch there is one prefill chunk of one request, so the
-    batch size never varies and chunk size and context grow together: the data fix c0 and c1 but
-    cannot separate c2 or c3 from them. So:
-    - c3 = 131072 B of KV per token (32 layers x 8 KV heads x 128 x 2 (K and V) x 2 B) / 960 GB/s
-      = 136.5 ns per KV token read, from the card's bandwidth, not fitted;
-    - c2 = 0: no data varies the number of sequences;
-    - c0, c1: least squares of the mean batch time, less c3 x the mean chunk end, on the mean
-      chunk size (2048 split into chunks of `chunk`, the last one partial), over the 7 rows:
-      c0 = 17.3 ms (the 14.5 GB of weights read once take 15.1 ms), c1 = 56.3 us per token
-      (257 TFLOP/s of 2 x 7.24e9 FLOP per token); residuals within 3.1 ms, RMSE 1.5 ms.
-    KV: 236k tokens, the issue's and papers.md's estimate for that card (49,140 MiB x 0.9, less
-    14.5 GB of weights and about 1 GB of activations, / 131072 B). Context: Mistral v0.2's 32k.
-    """
-    c3 = 131072 / 960e9
-    x, y = [], []
-    for chunk, ms in SLAI_PLOT1_BATCH_MS:
-        sizes = [chunk] * (2048 // chunk) + ([2048 % chunk] if 2048 % chunk else [])
-        x.append([1.0, float(np.mean(sizes))])
-        y.append(ms / 1e3 - c3 * float(np.mean(np.cumsum(sizes))))
-    c0, c1 = np.linalg.lstsq(np.array(x), np.array(y), rcond=None)[0]
-    return StepModel(c0=float(c0), c1=float(c1), c2=0.0, c3=c3), 236_000, 32768
-
-
-PRESETS = {"h100-llama3-8b": h100_llama3_8b(), "rtx6000ada-mistral7b": rtx6000ada_mistral7b()}
-
-
-def fit_step_log(path: str | Path) -> tuple[StepModel, dict]:
-    """Least-squares coefficients from a JSONL step log (batched_tokens, num_seqs, kv_tokens_read,
-    seconds per line), and the fit's quality."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    try:
-        x = np.array([[1.0, r["batched_tokens"], r["num_seqs"], r["kv_tokens_read"]] for r in rows], dtype=np.float64)
-        y = np.array([r["seconds"] for r in rows], dtype=np.float64)
-    except (KeyError, TypeError):
-        raise ValueError(f"{path}: every line needs batched_tokens, num_seqs, kv_tokens_read and seconds") from None
-    if len(rows) < 4 or np.linalg.matrix_rank(x) < 4:
-        raise ValueError(f"{path}: need steps that vary tokens, sequences and KV read independently "
-                         f"to fit four coefficients ({len(rows)} steps given)")
-    # Unit-scaled columns: the features span 1 to 1e6, which would make the solve ill-conditioned.
-    scale = np.linalg.norm(x, axis=0)
-    coef = np.linalg.lstsq(x / scale, y, rcond=None)[0] / scale
-    rmse = float(np.sqrt(np.mean((x @ coef - y) ** 2)))
-    # More work never makes a step faster: a negative coefficient is noise, clamped; "raw" keeps it.
-    return StepModel(*(max(0.0, float(c)) for c in coef)), {"steps": len(rows), "rmse_s": rmse,
-                                                             "raw": [float(c) for c in coef]}
 
 
 class SimulationError(RuntimeError):
@@ -291,19 +187,14 @@ class Simulation:
         if not plan:
             worker.plan = None  # idle, or stalled: the next arrival tries again
             return
-        tokens = kv_read = 0
         sampled = []
         for c in plan.chunks:
-            end = c.start + c.num_tokens
-            tokens += c.num_tokens
-            kv_read += end
-            if end < c.request.num_tokens:
+            if c.start + c.num_tokens < c.request.num_tokens:
                 sampled.append(None)
             else:  # the trace's length reached: end of sequence
                 last = c.request.num_output_tokens + 1 >= c.request.payload.output_tokens
                 sampled.append(EOS_TOKEN if last else SAMPLED_TOKEN)
-        m = self.model
-        step_s = m.c0 + m.c1 * tokens + m.c2 * len(plan.chunks) + m.c3 * kv_read
+        step_s = self.model.step_seconds(step_features(plan))
         if worker.index == 0:
             step_s *= self.args.slow_worker_factor
         worker.plan, worker.sampled, worker.step_s = plan, sampled, step_s
@@ -416,7 +307,7 @@ def step_model(args) -> StepModel:
     if args.step_model:
         return StepModel.load(args.step_model)
     if args.fit_step_log:
-        return fit_step_log(args.fit_step_log)[0]
+        return fit(args.fit_step_log)[0]
     return PRESETS[args.preset][0]
 
 
@@ -543,8 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--balancer", default="round-robin", choices=sorted(BALANCERS))
     e.add_argument("--workers", type=positive_int, default=1)
     model = e.add_mutually_exclusive_group()
-    model.add_argument("--step-model", metavar="FILE", help='JSON {"c0": .., "c1": .., "c2": .., "c3": ..}')
-    model.add_argument("--fit-step-log", metavar="FILE", help="fit the step model to a JSONL step log")
+    model.add_argument("--step-model", metavar="FILE", help='JSON {"c0": .., "c1": .., "c2": .., "c3": ..} (what simulate fit writes)')
+    model.add_argument("--fit-step-log", metavar="FILE",
+                       help="fit the step model to a step log (a --step-log directory or one JSONL file)")
     e.add_argument("--preset", choices=sorted(PRESETS), default="h100-llama3-8b",
                    help="step model (unless --step-model/--fit-step-log), KV size and context length")
     e.add_argument("--kv-tokens", type=positive_int, help="KV cache per worker in tokens (default: the preset's)")
@@ -577,21 +469,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_args(p)
     add_output_arg(p)
     return p
-
-
-def fit_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadgen simulate fit",
-                                description="Fit the step model to a JSONL step log (one step per line: "
-                                            "batched_tokens, num_seqs, kv_tokens_read, seconds).")
-    p.add_argument("step_log")
-    p.add_argument("--output", metavar="FILE", help="write the coefficients here, for --step-model")
-    args = p.parse_args(argv)
-    model, quality = fit_step_log(args.step_log)
-    text = json.dumps(dataclasses.asdict(model) | quality, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    return 0
 
 
 def main(argv: list[str]) -> int:

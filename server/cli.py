@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allowed-headers", type=json_list, default=["*"], help="CORS: allowed headers as a JSON list")
     p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-log", metavar="DIR", default=None,
+                   help="each worker appends one JSON line per step to DIR/worker-<id>.jsonl (loadgen simulate fit)")
     p.add_argument("--log-level", default="info")
     add_knob_flags(p, SCHEDULERS)
     add_knob_flags(p, BALANCERS)
@@ -117,6 +119,7 @@ def main(argv=None) -> None:
     from .app import AppState, ServerConfig, build_app
     from .engine_client import EngineClient
     from .middleware import CorsConfig, add_middleware
+    from .server_info import server_info, server_settings
 
     model_path = Path(args.model) if args.model else ensure_demo_model()
     if not (model_path / "config.json").is_file():
@@ -134,7 +137,8 @@ def main(argv=None) -> None:
         output_length=args.output_length,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
-        cpu_parallel_min_gflop=args.cpu_parallel_min_gflop, cpu_prepack_weights=args.cpu_prepack_weights)
+        cpu_parallel_min_gflop=args.cpu_parallel_min_gflop, cpu_prepack_weights=args.cpu_prepack_weights,
+        step_log=args.step_log)
     devices = worker_devices(args)
     tokenizer = load_tokenizer(model_path)
     vocab_size = json.loads((model_path / "config.json").read_text())["vocab_size"]
@@ -150,6 +154,7 @@ def main(argv=None) -> None:
                      r.attention_backend, r.max_model_len)
         log.info("serving %s (%s) with %d worker(s), scheduler %s, balancer %s, at http://%s:%d/v1",
                  name, model_path, len(ready), args.scheduler, args.balancer, args.host, args.port)
+        app.state.server_info = server_settings(args, engine_args, ready, str(model_path))
         app.state.halffull = AppState(client, tokenizer, ServerConfig(
             served_model_name=name, max_model_len=ready[0].max_model_len, vocab_size=vocab_size,
             api_key=args.api_key, protect_metrics=args.protect_metrics,
@@ -163,6 +168,7 @@ def main(argv=None) -> None:
     app = build_app(lifespan)
     add_middleware(app, None if args.allowed_origins is None else CorsConfig(
         args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials))
+    app.add_route("/server_info", server_info, methods=["GET"])
 
     def stop_accepting():
         if app.state.halffull is not None:

@@ -12,8 +12,8 @@ from rich.console import Console
 
 from loadgen.metrics import mean_ci95
 from loadgen.report import load_results
-from loadgen.simulate import (PRESETS, SLAI_PLOT1_BATCH_MS, SimulationError, StepModel, build_parser, fit_step_log,
-                              main, simulate)
+from loadgen.simulate import SimulationError, build_parser, main, simulate
+from loadgen.step_model import PRESETS, SLAI_PLOT1_BATCH_MS, StepModel, fit
 from loadgen.sweep import capacity_of
 from scheduling import SCHEDULERS, StepPlan
 from scheduling.policies.fcfs import FCFS
@@ -100,7 +100,7 @@ def test_fit_recovers_known_coefficients(tmp_path):
                                  "seconds": seconds * (1 + rng.normal(0, 1e-4))}))
     log = tmp_path / "steps.jsonl"
     log.write_text("\n".join(lines) + "\n")
-    model, quality = fit_step_log(log)
+    model, quality = fit(log)
     for name in ("c0", "c1", "c2", "c3"):
         assert getattr(model, name) == pytest.approx(getattr(true, name), rel=0.02), name
     assert quality["steps"] == 500

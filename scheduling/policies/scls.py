@@ -18,8 +18,9 @@ preempts. Our reconstruction (papers.md; the paper's body is not public):
   every split, so this minimizes time per served token. The batches then run in that order
   (shortest first); requests that arrive meanwhile wait for the next plan.
 - Time model, fitted online by least squares over the last `fit_window` steps (a prior before
-  that): step time = c0 + c1*tokens + c2*sequences + c3*KV tokens read, the simulator's model
-  (design.md). From it, T_prefill(N, L) = steps*c0 + (c1+c3)*N*L + c2*N and
+  that): step time = c0 + c1*tokens + c2*sequences + c3*KV tokens read, the simulator's linear model
+  (design.md), on the features scheduling/step_cost.py counts for the step log and the simulator.
+  From it, T_prefill(N, L) = steps*c0 + (c1+c3)*N*L + c2*N and
   T_decode_step(N, l) = c0 + (c1+c2)*N + c3*N*l: the paper's forms
   p1*N*L + p2*N + p3*L + p4 and d1*N*l + d2*N + d3*l + d4 without the p3/d3 terms, which model
   padding to the longest sequence; our paged engine does not pad. Consequently only the per-step
@@ -39,6 +40,7 @@ from itertools import islice
 from ..kv_cache import KVBlockManager
 from ..request import Request, Status
 from ..scheduler import Scheduler, SchedulerConfig, StepPlan, register
+from ..step_cost import step_features
 
 # Step-time coefficients (s, s/token, s/sequence, s/KV token read) used before enough steps are
 # measured; a rough 8B model on an H100 (design.md §5): ~6 ms per step, ~4e-5 s per prefill token
@@ -46,10 +48,6 @@ from ..scheduler import Scheduler, SchedulerConfig, StepPlan, register
 PRIOR = (6e-3, 4e-5, 1e-5, 4.4e-8)
 MIN_SAMPLES = 16  # measured steps before the fit replaces the prior
 RIDGE = 1e-6  # pull toward the prior, relative to each feature's scale: keeps collinear data solvable
-
-
-def step_features(plan: StepPlan) -> tuple[float, ...]:
-    return 1.0, plan.num_batched_tokens, len(plan.chunks), sum(c.start + c.num_tokens for c in plan.chunks)
 
 
 def fit_linear(samples, prior) -> list[float]:
@@ -181,7 +179,7 @@ class SCLS(Scheduler):
         return plan
 
     def update(self, plan: StepPlan, sampled: list[int | None], now: float, step_seconds: float) -> list[Request]:
-        self.samples.append((step_features(plan), step_seconds))
+        self.samples.append((step_features(plan).linear_terms(), step_seconds))
         return super().update(plan, sampled, now, step_seconds)
 
     def on_step_end(self, plan: StepPlan, now: float) -> None:

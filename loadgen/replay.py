@@ -1,0 +1,148 @@
+"""`python -m loadgen replay RUN_DIR --step-model MODEL.json --output OUT`: simulate exactly the
+requests of a live run and set the simulation beside what was measured.
+
+From RUN_DIR/results.json: each request's send time, prompt and output lengths, and the server's
+settings the run recorded from /server_info (scheduler, balancer and their knobs, workers, KV
+blocks, block size, token budget, seats, context length, seed). The simulator (loadgen/simulate.py)
+runs those policies on the step model; the server path is added around it: a request reaches the
+balancer `request_s` after it was sent, and each token reaches the client `token_s` after its step.
+
+OUT/results.json holds `summary` (the simulated run, loadgen's keys), `live` (the run's own
+summary), `relative_error` ((simulated - live) / live per numeric key, element-wise for per-worker
+lists) and the replayed requests; the console shows both side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from balancer import BALANCERS
+from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries, summarize
+from loadgen.report import load_results, plot_run, write_results
+from loadgen.simulate import Simulation, SimulationError, build_parser
+from loadgen.step_model import StepModel
+from loadgen.workload import WorkloadRequest
+from scheduling import SCHEDULERS
+
+TABLE = [("Mean TTFT (ms)", "mean_ttft_ms"), ("Median TTFT (ms)", "median_ttft_ms"), ("P99 TTFT (ms)", "p99_ttft_ms"),
+         ("Mean TPOT (ms)", "mean_tpot_ms"), ("Median TPOT (ms)", "median_tpot_ms"), ("P99 TPOT (ms)", "p99_tpot_ms"),
+         ("Mean E2EL (ms)", "mean_e2el_ms"), ("Median E2EL (ms)", "median_e2el_ms"), ("P99 E2EL (ms)", "p99_e2el_ms"),
+         ("Output throughput (tok/s)", "output_throughput"), ("Request throughput (req/s)", "request_throughput"),
+         ("Duration (s)", "duration"), ("Preemptions", "num_preemptions"), ("Tokens per worker", "worker_tokens")]
+
+
+def simulation_args(info: dict, live_config: dict, output: str) -> argparse.Namespace:
+    """The simulator's options for the server `info` describes (its /server_info)."""
+    args = build_parser().parse_args([
+        "--workload", "synthetic", "--output", output, "--scheduler", info["scheduler"],
+        "--balancer", info["balancer"], "--workers", str(info["num_workers"]), "--block-size", str(info["block_size"]),
+        "--max-num-seqs", str(info["max_num_seqs"]), "--max-num-batched-tokens", str(info["max_num_batched_tokens"]),
+        "--seed", str(info.get("seed", 0))])
+    for registry, policy, knobs in ((SCHEDULERS, info["scheduler"], info.get("scheduler_knobs", {})),
+                                    (BALANCERS, info["balancer"], info.get("balancer_knobs", {}))):
+        for name, value in knobs.items():
+            setattr(args, f"knob:{registry.kind}:{policy}:{name}", value)
+    args.max_concurrency = live_config.get("max_concurrency")
+    return args
+
+
+def live_preemptions(live: dict) -> float | None:
+    value = (live.get("server") or {}).get("num_preemptions")
+    if isinstance(value, list):
+        value = next((v for v in reversed(value) if v is not None), None)
+    return value
+
+
+def relative_errors(simulated: dict, live: dict) -> dict:
+    out = {}
+    for key, lv in live.items():
+        sv = simulated.get(key)
+        if isinstance(lv, (int, float)) and not isinstance(lv, bool) and isinstance(sv, (int, float)) and lv:
+            out[key] = (sv - lv) / lv
+        elif isinstance(lv, list) and isinstance(sv, list) and len(lv) == len(sv) and all(lv):
+            out[key] = [(s - v) / v for s, v in zip(sv, lv)]
+    return out
+
+
+def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, console: Console | None = None) -> dict:
+    console = console or Console()
+    live = load_results(run_dir)
+    config = live["config"]
+    info = config.get("server_info")
+    if not info:
+        raise ValueError(f"{run_dir}: the run recorded no server settings (/server_info); "
+                         "replay needs a run of this version of loadgen against halffull")
+    model = StepModel.load(step_model)
+    rows = [q for q in live["requests"] if q["success"]]
+    if len(rows) < len(live["requests"]):
+        console.print(f"[yellow]{len(live['requests']) - len(rows)} failed requests of the live run are left out")
+    # Arrivals at the balancer: the send time plus the server path before the engine.
+    schedule = [WorkloadRequest(q["input_tokens"], q["output_tokens"], arrival_s=q["start_s"] + model.request_s)
+                for q in rows]
+    args = simulation_args(info, config, str(output))
+    sim = Simulation(args, schedule, model, info["num_kv_blocks"], info["max_model_len"])
+    sim.run()
+    for track, q in zip(sim.tracks, rows):
+        track.start_s = q["start_s"]
+        track.times = [t + model.token_s for t in track.times]
+    records: list[RequestRecord] = sim.records()
+    duration = benchmark_duration(records)
+    summary = summarize(records, duration)
+    server = sim.server_timeline(duration)
+    summary |= sim.summary_extras(server["kv_cache_usage_perc"])
+    live_summary = dict(live["summary"])
+    preemptions = live_preemptions(live)
+    if preemptions is not None:
+        live_summary["num_preemptions"] = preemptions
+    errors = relative_errors(summary, live_summary)
+    sim_config = {"command": "replay", "run_dir": str(run_dir), "step_model": model.as_dict(), "server_info": info}
+    timeseries = client_timeseries(records, duration)
+    rows = [r.as_dict() | {"worker": t.worker} for r, t in zip(records, sim.tracks)]
+    comparison = {"live": live_summary, "relative_error": errors}
+    write_results(output, summary, rows, sim_config, timeseries, server, comparison)
+    results = {"summary": summary, "requests": rows, "config": sim_config, "timeseries": timeseries,
+               "server": server, **comparison}
+    plot_run(output, results)
+    console.print(comparison_table(summary, live_summary, errors, run_dir))
+    return results
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return " ".join(_fmt(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def comparison_table(sim: dict, live: dict, errors: dict, run_dir) -> Table:
+    table = Table(title=f"Live run {run_dir} against its replay")
+    for name, justify in (("Metric", "left"), ("Live", "right"), ("Simulated", "right"), ("Error", "right")):
+        table.add_column(name, justify=justify)
+    for label, key in TABLE:
+        e = errors.get(key)
+        err = "-" if e is None else " ".join(f"{x:+.1%}" for x in e) if isinstance(e, list) else f"{e:+.1%}"
+        table.add_row(label, _fmt(live.get(key)), _fmt(sim.get(key)), err)
+    return table
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadgen replay", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a loadgen --output folder of a live run")
+    p.add_argument("--step-model", required=True, metavar="MODEL.json", help="what simulate fit wrote")
+    p.add_argument("--output", required=True, metavar="OUT", help="where results.json and plots go")
+    args = p.parse_args(argv)
+    try:
+        replay(args.run_dir, args.step_model, args.output)
+    except (SimulationError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,412 @@
+"""The step-time model the simulator runs on, its presets, and `python -m loadgen simulate fit`.
+
+A step's time, on the features scheduling/step_cost.py counts (T tokens, S sequences, K context
+tokens read, P query-key pairs):
+
+    memory  = weights_s + c3*K           weights streamed once per step, plus each chunk's KV read
+    compute = c1*T + c4*P                matmul FLOPs per token, attention FLOPs per pair
+    step    = c0 + c2*S + memory + compute - overlap*min(memory, compute)
+
+`overlap` 1 is the roofline's max(memory, compute) (a GPU streams weights while it multiplies), 0
+their sum (a CPU mostly does one then the other); the fit chooses it. c0 is the per-step fixed cost
+(launches, scheduling, the worker loop between steps), c2 the per-sequence cost. The design's linear
+model `StepModel(c0, c1, c2, c3)` is the special case weights_s = c4 = overlap = 0.
+
+The server's own path is two more terms, which `loadgen replay` applies: `request_s`, from the
+client's send to the engine's arrival (HTTP, validation, tokenization, queues), and `token_s`, from
+the end of the step that made a token to the client reading it (queue, detokenization, SSE).
+
+`simulate fit --step-log DIR --results RUN_DIR --output MODEL.json` fits the step terms by least
+squares on the workers' step logs (engine/step_log.py) and the path terms on the run's own
+timestamps, prints each coefficient with its standard error and the relative error on held-out
+steps (every fifth), and writes the file `--step-model` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scheduling.step_cost import StepFeatures
+
+STEP_TERMS = ("c0", "c2", "weights_s", "c3", "c1", "c4")  # the fitted columns, in the order fit() solves them
+OVERLAP_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
+
+
+@dataclass(frozen=True)
+class StepModel:
+    c0: float  # seconds per step: fixed cost
+    c1: float  # per batched token: matmul FLOPs
+    c2: float  # per scheduled sequence
+    c3: float  # per KV token read: attention reads
+    c4: float = 0.0  # per query-key pair: attention FLOPs
+    weights_s: float = 0.0  # weights streamed once per step
+    overlap: float = 0.0  # 0: memory and compute add up; 1: max(memory, compute)
+    request_s: float = 0.0  # server path per request: client send to engine arrival
+    token_s: float = 0.0  # server path per token: step end to the client's chunk
+
+    def __post_init__(self):
+        values = dataclasses.astuple(self)
+        if min(values) < 0 or not all(map(math.isfinite, values)) or self.overlap > 1:
+            raise ValueError(f"step model coefficients must be finite and >= 0, overlap <= 1: {self}")
+        if self.c0 + self.c1 + self.weights_s <= 0:
+            raise ValueError(f"step model gives steps no time: {self}")
+
+    def step_seconds(self, f: StepFeatures) -> float:
+        memory = self.weights_s + self.c3 * f.kv_tokens_read
+        compute = self.c1 * f.batched_tokens + self.c4 * f.attention_pairs
+        return self.c0 + self.c2 * f.num_seqs + memory + compute - self.overlap * min(memory, compute)
+
+    @classmethod
+    def load(cls, path: str | Path) -> StepModel:
+        """A JSON object with at least c0..c3 (what `simulate fit` writes, or hand-written)."""
+        coef = json.loads(Path(path).read_text())
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(coef, dict) or not {"c0", "c1", "c2", "c3"} <= coef.keys():
+            raise ValueError(f"{path}: expected a JSON object with c0, c1, c2, c3 (and optionally "
+                             f"{', '.join(names[4:])})")
+        return cls(**{k: float(coef[k]) for k in names if k in coef})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- presets ----------------------------------------------------------------------------------------
+def h100_llama3_8b() -> tuple[StepModel, int, int]:
+    """An H100 80GB serving a Llama-3.1-8B-shaped bf16 model, from the anchors of design.md §5: the
+    step model, the KV tokens per worker and the context length.
+
+    - weights_s = 15.0 GB / 3.0 TB/s = 5.0 ms: the weights read every step (embedding rows are only
+      gathered, so 15.0 of the 16.06 GB).
+    - c3 = 131072 B / 3.0 TB/s = 43.7 ns per KV token read.
+    - c1 = 2 * 7.5e9 FLOP / 800 TFLOP/s = 18.75 µs per token: the matmuls at the measured peak.
+    - c4 = 4 * 4096 * 32 FLOP / 800 TFLOP/s = 0.655 ps per query-key pair (QK^T and PV over every
+      head of every layer): a 512-token chunk at 8k context is 4.3M pairs, 2.8 ms.
+    - overlap = 1: per phase the step costs the larger of memory and compute, as a roofline.
+    - c0 and c2 from the measured cuBLAS step times under one CUDA graph, before attention: 6.1 ms at
+      batch 1, 6.4 at 32 and 8.5 at 256, all memory-bound (compute is 4.8 ms at 256). So
+      c0 + c2 = 1.1 ms and c0 + 256*c2 = 3.5 ms: c2 = 9.4 µs per sequence (the matmuls' efficiency
+      falling from 82% to 59% of the bandwidth bound as the batch grows), c0 = 1.09 ms; batch 32
+      then costs 6.39 ms against 6.4 measured.
+    A 256-sequence decode step at 1k context: 1.09 + 2.41 + max(5.0 + 11.45, 4.8 + 0.17) = 20.0 ms.
+    A 2048-token prefill from empty: 1.09 + max(5.0, 38.4 + 1.4) = 40.9 ms, compute-bound.
+    The server path (request_s, token_s) has no H100 measurement yet and is 0.
+    KV per worker: what is left of 90% of the 80 GB after the weights, (72 - 16.06) GB / 131072 B =
+    426,788 tokens.
+    """
+    bandwidth, flops, memory, weights, kv_bytes = 3.0e12, 800e12, 80e9, 16.06e9, 131072
+    c2 = (8.5e-3 - 6.1e-3) / 255
+    model = StepModel(c0=6.1e-3 - 5.0e-3 - c2, c1=2 * 7.5e9 / flops, c2=c2, c3=kv_bytes / bandwidth,
+                      c4=4 * 4096 * 32 / flops, weights_s=15.0e9 / bandwidth, overlap=1.0)
+    return model, int((memory * 0.9 - weights) / kv_bytes), 131072  # Llama 3.1's context length
+
+
+def cpu_demo() -> tuple[StepModel, int, int]:
+    """The built-in demo model served by `python -m server --workers 2` on a 2-core CPU machine (one
+    intra-op thread per worker, torch attention): the step model, the KV tokens per worker (8192
+    blocks of 16) and the demo's context length.
+
+    Fitted on 2026-12-01 by `simulate fit --step-log` on 17,192 steps of three loadgen runs of Azure
+    conversation requests (full-length and clamped to 256 tokens; rates 2 to 4/s), server path from
+    the 200 requests of the rate-3 run. The machine was shared with four other helpers' builds and
+    tests (load average 4 to 9 on 2 cores), so the steps were slowed and noisy: the fit's error on
+    held-out steps is large per step (mean |error| 94%) while their total time is within 3%.
+    Refit on a quiet machine before trusting absolute figures.
+    """
+    model = StepModel(c0=0.0, c1=3.717e-4, c2=3.604e-3, c3=1.621e-6, c4=4.846e-7, weights_s=1.245e-3, overlap=1.0,
+                      request_s=3.33e-3, token_s=1.594e-2)
+    return model, 8192 * 16, 4096
+
+
+# The SLAI authors' measured Sarathi-Serve batch times: Mistral-7B-Instruct-v0.2 on one RTX 6000 Ada,
+# one 2048-token prompt prefilled in chunks of `chunk` tokens at batch size 1, mean batch time in ms
+# (github.com/agrimUT/SLAI, scripts/plot1_results.csv, columns chunk and batch_ms; made by
+# scripts/run_plot1.sh).
+SLAI_PLOT1_BATCH_MS = ((64, 22.717), (128, 24.070), (256, 28.817), (384, 37.796), (512, 46.512),
+                       (768, 57.083), (1024, 74.693))
+
+
+def rtx6000ada_mistral7b() -> tuple[StepModel, int, int]:
+    """One RTX 6000 Ada (48 GB, 960 GB/s) serving Mistral-7B-Instruct-v0.2 in bf16, the SLAI paper's
+    machine: the step model, the KV tokens and the context length.
+
+    Fitted to SLAI_PLOT1_BATCH_MS. Each batch there is one prefill chunk of one request, so the
+    batch size never varies and chunk size and context grow together: the data fix c0 and c1 but
+    cannot separate c2 or c3 from them. So:
+    - c3 = 131072 B of KV per token (32 layers x 8 KV heads x 128 x 2 (K and V) x 2 B) / 960 GB/s
+      = 136.5 ns per KV token read, from the card's bandwidth, not fitted;
+    - c2 = 0: no data varies the number of sequences;
+    - c0, c1: least squares of the mean batch time, less c3 x the mean chunk end, on the mean
+      chunk size (2048 split into chunks of `chunk`, the last one partial), over the 7 rows:
+      c0 = 17.3 ms (the 14.5 GB of weights read once take 15.1 ms), c1 = 56.3 us per token
+      (257 TFLOP/s of 2 x 7.24e9 FLOP per token); residuals within 3.1 ms, RMSE 1.5 ms.
+    KV: 236k tokens, the issue's and papers.md's estimate for that card (49,140 MiB x 0.9, less
+    14.5 GB of weights and about 1 GB of activations, / 131072 B). Context: Mistral v0.2's 32k.
+    """
+    c3 = 131072 / 960e9
+    x, y = [], []
+    for chunk, ms in SLAI_PLOT1_BATCH_MS:
+        sizes = [chunk] * (2048 // chunk) + ([2048 % chunk] if 2048 % chunk else [])
+        x.append([1.0, float(np.mean(sizes))])
+        y.append(ms / 1e3 - c3 * float(np.mean(np.cumsum(sizes))))
+    c0, c1 = np.linalg.lstsq(np.array(x), np.array(y), rcond=None)[0]
+    return StepModel(c0=float(c0), c1=float(c1), c2=0.0, c3=c3), 236_000, 32768
+
+
+PRESETS = {"h100-llama3-8b": h100_llama3_8b(), "cpu-demo": cpu_demo(),
+           "rtx6000ada-mistral7b": rtx6000ada_mistral7b()}
+
+
+# ---- reading step logs ------------------------------------------------------------------------------
+def read_step_logs(path: str | Path) -> list[dict]:
+    """Every step of a step-log directory (its worker-*.jsonl) or of one JSONL file."""
+    path = Path(path)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path}: no step logs (*.jsonl) there")
+    rows = []
+    for f in files:
+        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def step_targets(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Features [T, S, K, P] and the time each step occupies its worker: its duration plus the loop
+    overhead before the next step (the gap before a step whose predecessor left work). After an idle
+    gap that overhead is not measured: the median of the measured ones stands in."""
+    try:
+        x = np.array([[r["batched_tokens"], r["num_seqs"], r["kv_tokens_read"], r.get("attention_pairs", 0)]
+                      for r in rows], dtype=np.float64)
+        seconds = np.array([r["seconds"] for r in rows], dtype=np.float64)
+    except (KeyError, TypeError):
+        raise ValueError("every step needs batched_tokens, num_seqs, kv_tokens_read and seconds") from None
+    # The gap before step i+1 follows step i, within one worker's log.
+    loop = np.full(len(rows), np.nan)
+    for i in range(len(rows) - 1):
+        nxt = rows[i + 1]
+        if nxt.get("busy_before") and nxt.get("gap_s") is not None and nxt.get("worker") == rows[i].get("worker"):
+            loop[i] = nxt["gap_s"]
+    measured = loop[~np.isnan(loop)]
+    loop[np.isnan(loop)] = float(np.median(measured)) if measured.size else 0.0
+    return x, seconds + loop
+
+
+# ---- fitting the step terms -------------------------------------------------------------------------
+def _design(x: np.ndarray, overlap: float, memory_bound: np.ndarray) -> np.ndarray:
+    """Columns for STEP_TERMS given which steps are memory-bound: the smaller side is scaled by
+    (1 - overlap), which makes the model linear in its coefficients."""
+    t, s, k, p = x.T
+    keep_mem = np.where(memory_bound, 1.0, 1.0 - overlap)
+    keep_comp = np.where(memory_bound, 1.0 - overlap, 1.0)
+    return np.column_stack([np.ones_like(t), s, keep_mem, keep_mem * k, keep_comp * t, keep_comp * p])
+
+
+def _nonneg_lstsq(a: np.ndarray, y: np.ndarray, active: list[int]) -> np.ndarray:
+    """Least squares with coefficients >= 0: drop the most negative column and solve again (time
+    only adds up; a negative coefficient is noise or a collinear column)."""
+    active = list(active)
+    while True:
+        coef = np.zeros(a.shape[1])
+        if active:
+            sub = a[:, active]
+            scale = np.linalg.norm(sub, axis=0)
+            scale[scale == 0] = 1.0
+            coef[active] = np.linalg.lstsq(sub / scale, y, rcond=None)[0] / scale
+        worst = min(active, key=lambda j: coef[j], default=None)
+        if worst is None or coef[worst] >= 0:
+            return coef
+        active.remove(worst)
+
+
+def _fit_overlap(x: np.ndarray, y: np.ndarray, overlap: float) -> np.ndarray:
+    # Terms the data cannot tell apart are left out: attention pairs that were never logged, and
+    # the per-step weight stream, which at overlap 0 is one more constant beside c0.
+    active = [j for j in range(6) if not (j == 5 and not x[:, 3].any()) and not (j == 2 and overlap == 0)]
+    summed = _nonneg_lstsq(_design(x, 0.0, np.ones(len(x), dtype=bool)), y, [j for j in active if j != 2])
+    if overlap == 0:
+        return summed
+    best, best_sse = summed, math.inf
+    # Alternate: regimes from the coefficients, coefficients from the regimes. The split is not
+    # convex, so start from each plain guess and from the sum's coefficients; keep the best.
+    for memory_bound in (np.ones(len(x), dtype=bool), np.zeros(len(x), dtype=bool),
+                         summed[3] * x[:, 2] >= summed[4] * x[:, 0] + summed[5] * x[:, 3]):
+        for _ in range(30):
+            coef = _nonneg_lstsq(_design(x, overlap, memory_bound), y, active)
+            now_bound = coef[2] + coef[3] * x[:, 2] >= coef[4] * x[:, 0] + coef[5] * x[:, 3]
+            if (now_bound == memory_bound).all():
+                break
+            memory_bound = now_bound
+        sse = float(np.sum((_design(x, overlap, now_bound) @ coef - y) ** 2))
+        if sse < best_sse:
+            best, best_sse = coef, sse
+    return best
+
+
+def _model(coef: np.ndarray, overlap: float, **path) -> StepModel:
+    c = dict(zip(STEP_TERMS, map(float, coef)))
+    return StepModel(c0=c["c0"], c1=c["c1"], c2=c["c2"], c3=c["c3"], c4=c["c4"], weights_s=c["weights_s"],
+                     overlap=overlap, **path)
+
+
+def _predict(model: StepModel, x: np.ndarray) -> np.ndarray:
+    return np.array([model.step_seconds(StepFeatures(int(t), int(s), 0, 0, int(k), int(p))) for t, s, k, p in x])
+
+
+def _errors(model: StepModel, x: np.ndarray, y: np.ndarray) -> dict:
+    pred = _predict(model, x)
+    return {"steps": int(len(y)), "mean_abs_rel_error": float(np.mean(np.abs(pred - y) / y)),
+            "total_time_rel_error": float((pred.sum() - y.sum()) / y.sum())}
+
+
+def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel, dict]:
+    """The step terms from step-log rows; `overlap` None: the grid value with the least held-out error."""
+    x, y = step_targets(rows)
+    held = np.arange(len(y)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    if len(y) < 3 * HOLDOUT_EVERY or np.linalg.matrix_rank(np.column_stack([np.ones(len(x)), x[:, :3]])) < 4:
+        raise ValueError(f"need steps that vary tokens, sequences and KV read independently to fit the step "
+                         f"model ({len(y)} steps given)")
+    grid = OVERLAP_GRID if overlap is None else (overlap,)
+    trials = []
+    for o in grid:
+        m = _model(_fit_overlap(x[~held], y[~held], o), o)
+        trials.append((float(np.sum((_predict(m, x[held]) - y[held]) ** 2)), o, m))
+    _, best_overlap, train_model = min(trials, key=lambda t: t[0])
+    coef = _fit_overlap(x, y, best_overlap)
+    model = _model(coef, best_overlap)
+    # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
+    pred = _predict(model, x)
+    memory = model.weights_s + model.c3 * x[:, 2]
+    a = _design(x, best_overlap, memory >= model.c1 * x[:, 0] + model.c4 * x[:, 3])
+    free = [j for j in range(6) if coef[j] > 0]
+    dof = max(len(y) - len(free), 1)
+    sigma2 = float(np.sum((pred - y) ** 2)) / dof
+    errors = {name: None for name in STEP_TERMS}
+    if free:
+        cov = sigma2 * np.linalg.pinv(a[:, free].T @ a[:, free])
+        for j, d in zip(free, np.sqrt(np.clip(np.diag(cov), 0, None))):
+            errors[STEP_TERMS[j]] = float(d)
+    return model, {"steps": int(len(y)), "overlap_grid_heldout_sse": {f"{o:g}": sse for sse, o, _ in trials},
+                   "standard_errors": errors, "rmse_s": math.sqrt(sigma2),
+                   "heldout": _errors(train_model, x[held], y[held]), "train": _errors(model, x, y)}
+
+
+# ---- fitting the server path ------------------------------------------------------------------------
+def server_path(rows: list[dict], results: dict) -> dict:
+    """request_s and token_s from the run's send and chunk times (results.json) against the engine's
+    arrivals and token steps (step logs), both on the monotonic clock. A live request and an engine
+    request are paired by their lengths, in time order."""
+    config = results["config"]
+    t0 = config.get("t0_monotonic")
+    if t0 is None:
+        raise ValueError("the run's results.json has no t0_monotonic: record it with this version of loadgen")
+    arrivals, first, last = {}, {}, {}
+    for r in rows:
+        for rid, server_arrival, _, prompt, max_tokens in r.get("arrived", ()):
+            arrivals[rid] = (server_arrival, prompt, max_tokens)
+        end = r["start"] + r["seconds"]
+        for rid, _, _, got in r.get("chunks", ()):
+            if got:
+                first.setdefault(rid, end)
+                last[rid] = end
+    by_shape: dict[tuple[int, int], list] = {}
+    for rid, (at, prompt, max_tokens) in arrivals.items():
+        if at >= t0 - 1.0 and rid in last:  # warm-up requests came before t0
+            by_shape.setdefault((prompt, max_tokens), []).append((at, rid))
+    live: dict[tuple[int, int], list] = {}
+    for q in results["requests"]:
+        if q["success"] and q.get("requested_output_tokens"):
+            live.setdefault((q["input_tokens"], q["requested_output_tokens"]), []).append(q)
+    request_s, token_s = [], []
+    for shape, engine_side in by_shape.items():
+        client_side = live.get(shape, [])
+        if len(client_side) != len(engine_side):
+            continue  # ambiguous: pair only shapes both sides saw equally often
+        for (at, rid), q in zip(sorted(engine_side), sorted(client_side, key=lambda q: q["start_s"])):
+            sent = t0 + q["start_s"]
+            request_s.append(at - sent)
+            token_s.append(sent + q["ttft_ms"] / 1e3 - first[rid])
+            token_s.append(sent + q["e2el_ms"] / 1e3 - last[rid])
+    if not request_s:
+        raise ValueError("no request of the run could be paired with the step logs' requests: "
+                         "were they logged by the server this run measured?")
+
+    def mean_se(v):
+        v = np.asarray(v)
+        return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+    (rs, rs_se), (ts, ts_se) = mean_se(request_s), mean_se(token_s)
+    return {"request_s": max(rs, 0.0), "token_s": max(ts, 0.0), "paired_requests": len(request_s),
+            "standard_errors": {"request_s": rs_se, "token_s": ts_se}}
+
+
+def fit(step_log: str | Path, results_dir: str | Path | None = None, overlap: float | None = None
+        ) -> tuple[StepModel, dict]:
+    rows = read_step_logs(step_log)
+    results = None
+    if results_dir is not None:
+        from loadgen.report import load_results
+        results = load_results(results_dir)
+        t0 = results["config"].get("t0_monotonic")
+        if t0 is not None:  # a log directory may hold several runs: fit the steps of this one
+            end = t0 + results["summary"]["duration"] + 1.0
+            rows = [r for r in rows if "start" not in r or t0 - 1.0 <= r["start"] <= end]
+    model, quality = fit_steps(rows, overlap)
+    if results is not None:
+        path = server_path(rows, results)
+        model = dataclasses.replace(model, request_s=path["request_s"], token_s=path["token_s"])
+        quality["standard_errors"] |= path["standard_errors"]
+        quality["paired_requests"] = path["paired_requests"]
+    return model, quality
+
+
+def fit_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadgen simulate fit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step_log_path", nargs="?", metavar="STEP_LOG", help="same as --step-log")
+    p.add_argument("--step-log", metavar="DIR", help="the server's --step-log directory (or one JSONL file)")
+    p.add_argument("--results", metavar="RUN_DIR", help="a loadgen --output of a run against that server: "
+                                                        "fits the server path's request_s and token_s")
+    p.add_argument("--overlap", type=float, help="fix the memory/compute overlap (0: sum, 1: max) "
+                                                 "instead of choosing it on held-out steps")
+    p.add_argument("--output", metavar="FILE", help="write the model here, for --step-model")
+    args = p.parse_args(argv)
+    step_log = args.step_log or args.step_log_path
+    if not step_log:
+        p.error("give --step-log DIR")
+    model, quality = fit(step_log, args.results, args.overlap)
+    print_fit(model, quality)
+    if args.output:
+        Path(args.output).write_text(json.dumps(model.as_dict() | {"fit": quality}, indent=2) + "\n")
+    return 0
+
+
+def print_fit(model: StepModel, quality: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"Step model: {quality['steps']} steps, overlap {model.overlap:g}")
+    table.add_column("Term")
+    table.add_column("Value", justify="right")
+    table.add_column("Std. error", justify="right")
+    for name, value in model.as_dict().items():
+        se = quality["standard_errors"].get(name)
+        if name == "overlap":
+            note = ""
+        elif name in ("request_s", "token_s") and "paired_requests" not in quality:
+            note = "needs --results"
+        else:
+            note = "held at 0" if se is None and value == 0 else "n/a" if se is None else f"{se:.2g}"
+        table.add_row(name, f"{value:.4g}", note)
+    console = Console()
+    console.print(table)
+    h, t = quality["heldout"], quality["train"]
+    console.print(f"held-out steps ({h['steps']}): mean |error| {h['mean_abs_rel_error']:.1%} per step, "
+                  f"total time {h['total_time_rel_error']:+.1%}; all steps: {t['mean_abs_rel_error']:.1%}, "
+                  f"{t['total_time_rel_error']:+.1%}")
+    if "paired_requests" in quality:
+        console.print(f"server path from {quality['paired_requests']} paired requests")

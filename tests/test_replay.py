@@ -1,0 +1,86 @@
+"""The simulator against the real server: a step log from a live run, a step model fitted on it, and
+a different live run replayed through the simulator, within 10% on the figures that matter.
+
+Live: `python -m server --workers 2 --balancer sal --step-log DIR` on the demo model, driven by
+`python -m loadgen` with Azure conversation requests (prompt + output clamped to 256 tokens so that
+200 of them fit in about a minute on 2 cores): a fit run with 16 requests in flight, then the
+measured run at 80% of the rate the fit run sustained. `simulate fit` on the first run, `loadgen
+replay` of the second.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scheduling.step_cost import StepFeatures
+from server_utils import CONV_TRACE, ROOT, ServerProcess
+
+TOLERANCE = 0.10
+
+
+def loadgen(*argv: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "loadgen", *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=400, env={**os.environ, "COLUMNS": "160"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def live_run(server: ServerProcess, out, seed: int, num_requests: int, *load: str) -> dict:
+    loadgen("--base-url", server.url + "/v1", "--workload", str(CONV_TRACE), "--max-model-len", "256",
+            "--seed", str(seed), "--num-requests", str(num_requests), *load, "--output", str(out))
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("replay")
+    server = ServerProcess("--workers", "2", "--balancer", "sal", "--step-log", str(tmp / "steps"))
+    try:
+        # The fit run keeps 16 requests in flight: steps of every batch size up to there, and the
+        # machine's capacity. The measured run's Poisson arrivals then come at 80% of it, whatever the
+        # speed of the machine: busy enough that requests queue behind steps and bursts, yet stable.
+        fit_run = live_run(server, tmp / "fit", 1, 100, "--rate", "inf", "--max-concurrency", "16")
+        rate = 0.8 * fit_run["summary"]["request_throughput"]
+        measured = live_run(server, tmp / "measured", 0, 200, "--rate", f"{rate:.3f}")
+    finally:
+        assert server.stop() == 0, server.output()
+    return tmp, fit_run, measured
+
+
+def test_step_log_counts_what_each_step_ran(runs):
+    tmp, fit_run, _ = runs
+    lines = [json.loads(line) for f in sorted((tmp / "steps").glob("worker-*.jsonl")) for line in f.open()]
+    assert {r["worker"] for r in lines} == {0, 1}
+    for r in lines:
+        # Each line's totals are the shared step-cost features of its own chunks.
+        f = StepFeatures.of_chunks([(start, n, False) for _, start, n, _ in r["chunks"]])
+        assert (r["batched_tokens"], r["num_seqs"], r["kv_tokens_read"], r["attention_pairs"]) == \
+               (f.batched_tokens, f.num_seqs, f.kv_tokens_read, f.attention_pairs)
+        assert r["prefill_tokens"] + r["decode_seqs"] <= r["batched_tokens"]
+        assert 0 < r["execute_s"] <= r["seconds"]
+    arrived = {a[0] for r in lines for a in r["arrived"]}
+    assert len(arrived) == 300  # every request of both runs, each once
+    # The run recorded the server's settings from /server_info.
+    info = fit_run["config"]["server_info"]
+    assert (info["balancer"], info["num_workers"], info["scheduler"]) == ("sal", 2, "fcfs")
+    assert info["num_kv_blocks"] > 0 and info["max_num_batched_tokens"] == 512
+
+
+def test_replay_of_a_live_run_is_within_ten_percent(runs):
+    tmp, _, measured = runs
+    model = tmp / "model.json"
+    printed = loadgen("simulate", "fit", "--step-log", str(tmp / "steps"), "--results", str(tmp / "fit"),
+                      "--output", str(model))
+    assert "held-out steps" in printed and "Std. error" in printed
+    fitted = json.loads(model.read_text())
+    assert fitted["fit"]["paired_requests"] == 100  # fitted on the first run's steps and requests only
+    printed = loadgen("replay", str(tmp / "measured"), "--step-model", str(model), "--output", str(tmp / "replay"))
+    assert "Simulated" in printed
+    out = json.loads((tmp / "replay" / "results.json").read_text())
+    assert out["live"]["completed"] == out["summary"]["completed"] == 200
+    assert out["live"]["mean_ttft_ms"] == measured["summary"]["mean_ttft_ms"]
+    errors = {k: out["relative_error"][k] for k in ("mean_ttft_ms", "mean_e2el_ms", "output_throughput")}
+    assert all(abs(e) <= TOLERANCE for e in errors.values()), errors
