@@ -25,7 +25,7 @@ def figures(run: Path, client: str) -> dict | None:
 
 
 def main(out: Path) -> None:
-    rows, verdicts = [], {}
+    verdicts = {}
     print("| rep | model | client | server | completed | output tok/s | mean TTFT ms | median TTFT ms | mean TPOT ms |"
           " halffull / vLLM tok/s | TTFT ≤ vLLM |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

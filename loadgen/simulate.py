@@ -39,6 +39,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -51,7 +52,7 @@ from loadgen.args import add_output_arg, add_workload_args, positive_float, posi
 from loadgen.metrics import (RequestRecord, aggregate, benchmark_duration, client_timeseries, summarize,
                              worker_balance)
 from loadgen.report import MAIN_METRICS, plot_run, print_summary, write_results
-from loadgen.step_model import PRESETS, StepModel, fit_main
+from loadgen.step_model import PRESETS, StepModel, fit, fit_main
 from loadgen.workload import build_schedule, clamp_to_context
 from scheduling import SCHEDULERS, KVBlockManager, SchedulerConfig, make_scheduler
 from scheduling.output_length import BUCKET_EDGES, MODES, bucket, bucket_label
