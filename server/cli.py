@@ -17,6 +17,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     from balancer import BALANCERS
     from scheduling import SCHEDULERS
     from scheduling.registry import add_knob_flags
+
+    from .reasoning import REASONING_PARSERS
+    from .tool_parsers import TOOL_CALL_PARSERS
     p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible LLM server")
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: the built-in demo model)")
     p.add_argument("--served-model-name", default=None)
@@ -45,11 +48,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+                   help="how tool calls read in this model's output (hermes: Qwen2.5/Qwen3)")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split <think>...</think> into the message's `reasoning` field")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info")
     add_knob_flags(p, SCHEDULERS)
     add_knob_flags(p, BALANCERS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        p.error("--enable-auto-tool-choice needs --tool-call-parser")
+    return args
 
 
 def worker_devices(args) -> list[str]:
@@ -108,7 +120,10 @@ def main(argv=None) -> None:
         app.state.halffull = AppState(client, tokenizer, ServerConfig(
             served_model_name=name, max_model_len=ready[0].max_model_len, vocab_size=vocab_size,
             api_key=args.api_key, protect_metrics=args.protect_metrics,
-            max_queued_requests=args.max_queued_requests, max_request_body_bytes=args.max_request_body_bytes))
+            max_queued_requests=args.max_queued_requests, max_request_body_bytes=args.max_request_body_bytes,
+            scheduler=args.scheduler, honors_priority=getattr(SCHEDULERS[args.scheduler], "honors_priority", False),
+            tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+            reasoning_parser=args.reasoning_parser))
         try:
             yield
         finally:
