@@ -37,7 +37,7 @@ class ReasoningParser:
         lead = text.lstrip()
         if lead.startswith(START):
             thinking, text = True, lead[len(START):]
-        elif not final and START.startswith(lead) and not thinking:
+        elif not final and START.startswith(lead):
             return "", ""  # whitespace or the start of <think>: not yet known
         if not thinking:
             return "", text

@@ -311,8 +311,6 @@ class ToolCallStream:
             return ("" if self.called else text), []
         try:
             parsed = self.parse(self.text, final)
-            if final and not all(c.done for c in parsed.calls):
-                raise Malformed("a tool call was cut off")
         except Malformed:
             # Calls already begun cannot be taken back; before any, the text is plain content.
             self.broken = True
@@ -320,6 +318,10 @@ class ToolCallStream:
                 return "", []
             content, self.content_sent = self.text[self.content_sent:], len(self.text)
             return content, []
+        if final and not all(c.done for c in parsed.calls):  # cut off: what has come of the calls is all there is
+            if not self.called:
+                return self.text[self.content_sent:], []
+            self.broken = True
         content, self.content_sent = parsed.content[self.content_sent:], len(parsed.content)
         deltas = []
         for i, call in enumerate(parsed.calls[:self.max_calls]):
