@@ -100,6 +100,7 @@ class EngineArgs:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
+    structured_outputs_backend: str = "auto"  # auto | xgrammar | guidance
     seed: int = 0
 
     def resolved_device(self) -> torch.device:

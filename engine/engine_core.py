@@ -13,6 +13,8 @@ from scheduling import KVBlockManager, Request, SchedulerConfig, make_scheduler
 from .config import EngineArgs, ModelConfig
 from .messages import GenerateRequest, LoadReport, RequestTimings, TokenOutput, TopLogprobs
 from .model_runner import ModelRunner
+from .structured import BACKENDS, StructuredOutputManager
+from .tokenizer import has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,8 @@ def _top(entry) -> TopLogprobs | None:
 
 
 class EngineCore:
+    COMPILE_WAIT_S = 0.02  # with nothing to run, how long a step waits for a grammar before returning
+
     def __init__(self, model_path, args: EngineArgs | None = None, worker_id: int = 0):
         self.args = args = args or EngineArgs()
         self.worker_id = worker_id
@@ -45,6 +49,13 @@ class EngineCore:
                                        max_model_len=self.max_model_len,
                                        eos_token_ids=config.eos_token_ids)
         self.scheduler = make_scheduler(args.scheduler, sched_config, self.kv, args.scheduler_knobs or None)
+        if args.structured_outputs_backend not in BACKENDS:
+            raise ValueError(f"unknown structured outputs backend {args.structured_outputs_backend!r}; "
+                             f"choose {', '.join(BACKENDS)}")
+        # Grammars need the tokenizer's vocabulary: without one, constrained requests are refused.
+        self.structured = StructuredOutputManager(
+            args.structured_outputs_backend, lambda: load_tokenizer(config.path), config.vocab_size,
+            config.eos_token_ids) if has_tokenizer(config.path) else None
         self.prompt_logprobs: dict[str, list] = {}
         self.requests_in = 0
         log.info("engine: %s (%s, %s) on %s, attention %s, %d KV blocks of %d tokens, scheduler %s",
@@ -64,9 +75,21 @@ class EngineCore:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(t < 0 or t >= vocab for t in req.sampling.stop_token_ids):  # the sampler indexes logits with them
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
-        if req.request_id in self.scheduler.requests:
+        if req.request_id in self.scheduler.requests or (self.structured and req.request_id in self.structured):
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        req.sampling.validate()
+        s = req.sampling
+        s.validate()
+        if s.logit_bias and any(t < 0 or t >= vocab for t in s.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if s.structured_outputs is not None:
+            if self.structured is None:
+                raise ValueError("structured_outputs needs a model with a tokenizer; this one has none")
+            # The grammar decides where the output ends; these would fight it.
+            if s.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with structured_outputs")
+            if s.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs")
+            self.structured.check(s.structured_outputs)
 
     def add_request(self, req: GenerateRequest) -> None:
         # Counted even when refused: the balancer reconciles what it sent against this number.
@@ -76,30 +99,49 @@ class EngineCore:
         # A request can never need more KV than the whole pool.
         if self.kv.blocks_for(n := len(req.prompt_token_ids) + 1) > self.kv.num_blocks:
             raise ValueError(f"prompt of {n - 1} tokens does not fit in the KV cache")
-        self.scheduler.add(Request(
+        request = Request(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             max_tokens=s.max_tokens, arrival_time=req.arrival_time, min_tokens=s.min_tokens,
             ignore_eos=s.ignore_eos, stop_token_ids=frozenset(s.stop_token_ids), priority=req.priority,
             ttft_slo_s=None if req.slo.ttft_ms is None else req.slo.ttft_ms / 1000,
             tbt_slo_s=None if req.slo.tbt_ms is None else req.slo.tbt_ms / 1000,
-            payload=s))
+            payload=s)
+        if s.structured_outputs is None:
+            self.scheduler.add(request)
+        else:  # joins the scheduler in a later step, once its grammar is compiled
+            self.structured.submit(request, s.structured_outputs)
 
     def abort(self, request_id: str) -> TokenOutput | None:
         self.prompt_logprobs.pop(request_id, None)
         req = self.scheduler.abort(request_id)
+        if self.structured is not None:
+            req = self.structured.abort(request_id) or req
         return None if req is None else TokenOutput(request_id, [], finish_reason="abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.structured and self.structured.pending)
+
+    def _admit_compiled(self) -> list[TokenOutput]:
+        """Constrained requests whose grammar is ready join the scheduler; failed compiles end here."""
+        ready, failed = self.structured.ready()
+        for request in ready:
+            self.scheduler.add(request)
+        return [TokenOutput(r.request_id, [], finish_reason="error", error=error, status=400) for r, error in failed]
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self, now: float | None = None) -> list[TokenOutput]:
+        outputs = self._admit_compiled() if self.structured is not None else []
         now = time.monotonic() if now is None else now
         plan = self.scheduler.schedule(now)
         if not plan:
-            return []
+            if self.structured is not None and self.structured.pending and not outputs:
+                self.structured.wait(self.COMPILE_WAIT_S)  # nothing to run until a grammar is ready
+            return outputs
         t0 = time.perf_counter()
-        results = self.runner.execute(plan)
+        bitmasks = None
+        if self.structured is not None and self.structured.grammars:
+            bitmasks = self.structured.bitmasks([c.request for c in plan.chunks if c.samples])
+        results = self.runner.execute(plan, bitmasks)
         elapsed = time.perf_counter() - t0
         done = time.monotonic()
         for chunk, res in zip(plan.chunks, results):
@@ -107,8 +149,9 @@ class EngineCore:
                 if chunk.start == 0:  # (re)starting the prompt: drop what a preempted pass scored
                     self.prompt_logprobs[chunk.request.request_id] = [None]
                 self.prompt_logprobs[chunk.request.request_id] += res.prompt_logprobs
-        touched = set(map(id, self.scheduler.update(plan, [r.token for r in results], done, elapsed)))
-        outputs = []
+        touched = self.scheduler.update(plan, [r.token for r in results], done, elapsed)
+        rejected = set(map(id, self.structured.advance(touched))) if self.structured is not None else set()
+        touched = set(map(id, touched))
         for chunk, res in zip(plan.chunks, results):
             req = chunk.request
             if id(req) not in touched:
@@ -119,6 +162,9 @@ class EngineCore:
                               finish_reason=req.finish_reason, num_cached_tokens=max(req.num_cached_tokens, 0))
             if req.request_id in self.prompt_logprobs and chunk.start + chunk.num_tokens >= req.num_prompt_tokens:
                 out.prompt_logprobs = [_top(e) for e in self.prompt_logprobs.pop(req.request_id)]
+            if id(req) in rejected:  # cannot happen while the mask is applied; never let it pass silently
+                self.abort(req.request_id)
+                out.finish_reason, out.error, out.status = "error", "structured outputs: grammar rejected a token", 500
             if req.num_output_tokens <= 1 or req.finish_reason:
                 out.timings = RequestTimings(queue_s=(req.first_scheduled_time or done) - req.arrival_time,
                                              num_preemptions=req.num_preemptions)

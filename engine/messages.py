@@ -68,6 +68,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 bad(name, "must be between 0 and 20")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed", "must fit in 64 bits")
+        if self.logit_bias and not all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+            bad("logit_bias", "values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -102,8 +102,9 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[ChunkResult]:
-        """Run the plan; results are aligned with plan.chunks."""
+    def execute(self, plan: StepPlan, bitmasks: dict[str, torch.Tensor] | None = None) -> list[ChunkResult]:
+        """Run the plan; results are aligned with plan.chunks. `bitmasks`: the allowed-token bitmask
+        row of each constrained request, by request id (structured outputs)."""
         # Decodes first: the attention backends take them as one batch.
         order = sorted(range(len(plan.chunks)), key=lambda i: plan.chunks[i].num_tokens != 1)
         chunks = [plan.chunks[i] for i in order]
@@ -125,7 +126,8 @@ class ModelRunner:
             if chunk.samples:
                 sample_index.append(base + n - 1)
                 sample_rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids,
-                                               self.config.eos_token_ids))
+                                               self.config.eos_token_ids,
+                                               bitmasks.get(req.request_id) if bitmasks else None))
             if (params.prompt_logprobs is not None and req.num_output_tokens == 0
                     and start < req.num_prompt_tokens - 1):
                 end = min(start + n, req.num_prompt_tokens - 1)

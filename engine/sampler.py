@@ -1,5 +1,6 @@
-"""Token sampling on the device for a whole batch: penalties, temperature, top-k/top-p/min-p,
-per-request seeds, logprobs. One host transfer per step, at the end."""
+"""Token sampling on the device for a whole batch: penalties, logit bias, allowed-token masks
+(structured outputs), temperature, top-k/top-p/min-p, per-request seeds, logprobs. One host
+transfer per step, at the end."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: frozenset[int] = frozenset()
+    bitmask: torch.Tensor | None = None  # CPU int32 words, bit j of word i allows token 32*i+j
 
     def banned_tokens(self) -> list[int]:
         """Tokens that would end the request before `min_tokens` outputs: masked out, as vLLM does."""
@@ -49,6 +51,21 @@ class SamplingBatch:
         self.max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         self.banned = [(i, r.banned_tokens()) for i, r in enumerate(rows)]
         self.banned = [(i, b) for i, b in self.banned if b]
+        self.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))
+                           for i, p in enumerate(params) if p.logit_bias]
+        self.bitmask = None
+        masked = [i for i, r in enumerate(rows) if r.bitmask is not None]
+        if masked:
+            words = torch.full((len(rows), rows[masked[0]].bitmask.shape[0]), -1, dtype=torch.int32)
+            for i in masked:
+                words[i] = rows[i].bitmask
+            self.bitmask = words.to(device)
+
+    def allowed(self, vocab: int) -> torch.Tensor:
+        """[N, vocab] bool from the bitmask words (rows without a constraint allow everything)."""
+        shifts = torch.arange(32, dtype=torch.int32, device=self.device)
+        bits = (self.bitmask[:, :, None] >> shifts) & 1
+        return bits.reshape(len(self.rows), -1)[:, :vocab].bool()
 
     def _token_counts(self, vocab: int, which: str) -> torch.Tensor:
         """[N, vocab] counts of each row's output (or prompt+output) tokens."""
@@ -104,10 +121,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
     if batch.has_penalties:
         logits = batch.apply_penalties(logits)
-    if batch.banned:
+    if batch.banned or batch.logit_bias:
         logits = logits.clone()
+        for i, tokens, bias in batch.logit_bias:
+            logits[i, tokens] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
         for i, tokens in batch.banned:
             logits[i, tokens] = float("-inf")
+    if batch.bitmask is not None:  # after the bias: no bias can bring back a token the grammar forbids
+        logits = logits.masked_fill(~batch.allowed(logits.shape[1]), float("-inf"))
     tokens = logits.argmax(dim=-1)
     if not batch.all_greedy:
         scaled = logits / batch.temperature[:, None]

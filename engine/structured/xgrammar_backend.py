@@ -1,0 +1,80 @@
+"""xgrammar: grammars compiled ahead of time into a per-state token mask cache (slow to compile,
+fast masks); a batch's masks are filled by its thread pool."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import xgrammar as xgr
+
+from .backend import GrammarBackend, Matcher
+
+# Compact JSON: with free whitespace a weak model can emit blanks forever and never close the object.
+JSON_OPTIONS = dict(any_whitespace=False)
+
+
+class XGrammarMatcher(Matcher):
+    def __init__(self, compiled: xgr.CompiledGrammar):
+        self.m = xgr.GrammarMatcher(compiled)
+
+    def accept(self, token: int) -> bool:
+        return self.m.accept_token(token)
+
+    def rollback(self, num_tokens: int) -> None:
+        self.m.rollback(num_tokens)
+
+    def is_terminated(self) -> bool:
+        return self.m.is_terminated()
+
+
+def _is_ebnf(text: str) -> bool:
+    return "::=" in text  # GBNF-style rules; otherwise the text is Lark
+
+
+def _choice_ebnf(choices: list[str]) -> str:
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+def _grammar(kind: str, value) -> xgr.Grammar:
+    try:
+        if kind == "json":
+            return xgr.Grammar.from_json_schema(value, **JSON_OPTIONS)
+        if kind == "json_object":
+            return xgr.Grammar.from_json_schema('{"type": "object"}', **JSON_OPTIONS)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(value)
+        if kind == "choice":
+            return xgr.Grammar.from_ebnf(_choice_ebnf(value))
+        return xgr.Grammar.from_ebnf(value) if _is_ebnf(value) else xgr.Grammar.from_lark(value)
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError subclasses alike
+        raise ValueError(f"structured_outputs.{kind} is not supported by xgrammar: {_first_line(e)}") from None
+
+
+class XGrammarBackend(GrammarBackend):
+    name = "xgrammar"
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]):
+        super().__init__(tokenizer, vocab_size, eos_token_ids)
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=sorted(eos_token_ids) or None)
+        # One compile thread: compiles already run beside the step loop, on a machine it shares.
+        self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self.batch = xgr.BatchGrammarMatcher()
+
+    @staticmethod
+    def check_spec(kind: str, value) -> None:
+        _grammar(kind, value)
+
+    def compile(self, kind: str, value) -> xgr.CompiledGrammar:
+        return self.compiler.compile_grammar(_grammar(kind, value))
+
+    def matcher(self, compiled) -> Matcher:
+        return XGrammarMatcher(compiled)
+
+    def fill_bitmask(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
+        self.batch.batch_fill_next_token_bitmask([m.m for m in matchers], bitmask)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
