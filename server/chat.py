@@ -21,7 +21,7 @@ from .serving import (
     resolve_max_tokens,
     serve_choices,
 )
-from .structured import for_tools, from_response_format, from_structured_outputs, named_tool
+from .structured import check, for_tools, from_response_format, from_structured_outputs, named_tool
 from .tool_parsers import KEEPS_SPECIAL_TOKENS, TOOL_CALL_PARSERS, Parser, ToolCallStream, extract, named, required
 
 ENDPOINT = Endpoint("chatcmpl", "chat.completion", "chat.completion.chunk")
@@ -109,14 +109,17 @@ async def chat_completions(request: Request) -> Response:
     prompt_text = render(app, body.messages, body.tools, body.add_generation_prompt, body.chat_template_kwargs)
     prompt = app.tokenizer.encode(prompt_text, add_special_tokens=False)
 
-    constraints = [c for c in (from_response_format(body.response_format) if body.response_format else None,
-                               from_structured_outputs(body.structured_outputs) if body.structured_outputs else None,
-                               for_tools(body.tools, tools, body.parallel_tool_calls) if body.tools else None)
-                   if c is not None]
-    if len(constraints) > 1:
-        raise APIError("give one of response_format, structured_outputs and a tool_choice that forces a call "
-                       "(required or a named function)", param="response_format")
-    constraint = constraints[0] if constraints else None
+    sources = {"response_format": from_response_format(body.response_format) if body.response_format else None,
+               "structured_outputs": from_structured_outputs(body.structured_outputs)
+               if body.structured_outputs else None,
+               "tool_choice": for_tools(body.tools, tools, body.parallel_tool_calls) if body.tools else None}
+    given = [k for k, c in sources.items() if c is not None]
+    if len(given) > 1:
+        raise APIError(f"give one of response_format, structured_outputs and a tool_choice that forces a call "
+                       f"(required or a named function); got {given}", param=given[1])
+    constraint = sources[given[0]] if given else None
+    if constraint is not None:
+        check(constraint, app.config.structured_outputs_backend, given[0], body.ignore_eos, body.min_tokens)
     reasoning = REASONING_PARSERS.get(app.config.reasoning_parser)
     if constraint is not None and reasoning is not None and reasoning.expects_thinking(prompt_text):
         # The constraint is on the answer: it starts once the thinking block is closed.

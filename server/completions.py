@@ -19,7 +19,7 @@ from .serving import (
     resolve_max_tokens,
     serve_choices,
 )
-from .structured import from_structured_outputs
+from .structured import check, from_structured_outputs
 
 ENDPOINT = Endpoint("cmpl", "text_completion", "text_completion")
 
@@ -83,7 +83,11 @@ async def completions(request: Request) -> Response:
     prompts = prompts_of(app, body.prompt)
     if len(prompts) * body.n > 256:
         raise APIError("at most 256 prompts times n per request", param="prompt")
-    constraint = from_structured_outputs(body.structured_outputs) if body.structured_outputs else None
+    constraint = None
+    if body.structured_outputs:
+        constraint = from_structured_outputs(body.structured_outputs)
+        check(constraint, app.config.structured_outputs_backend, "structured_outputs", body.ignore_eos,
+              body.min_tokens)
     bias = logit_bias_of(body, app.config.vocab_size)
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
 

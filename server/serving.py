@@ -45,6 +45,7 @@ class ServerConfig:
     tool_call_parser: str | None = None  # --tool-call-parser
     enable_auto_tool_choice: bool = False
     reasoning_parser: str | None = None  # --reasoning-parser
+    structured_outputs_backend: str = "auto"
 
 
 class AppState:

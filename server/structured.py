@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from engine.messages import StructuredOutputs
+from engine.structured import backend_class, constraint_of
 
 from .protocol import APIError, NamedToolChoice, ResponseFormat, StructuredOutputsRequest, Tool
 
@@ -76,3 +77,18 @@ def for_tools(tools: list[Tool], choice, parallel: bool) -> StructuredOutputs | 
                         "required": ["name", "parameters"], "additionalProperties": False} for t in tools]}
     schema = {"type": "array", "items": calls, "minItems": 1} | ({} if parallel else {"maxItems": 1})
     return StructuredOutputs(json=json.dumps(schema))
+
+
+def check(spec: StructuredOutputs, backend: str, param: str, ignore_eos: bool, min_tokens: int) -> None:
+    """The engine's own checks of a constraint (no compile), here so that a bad one is a 400 before anything
+    starts, streaming included, rather than an error event after the stream began."""
+    try:
+        kind, value = constraint_of(spec)
+        backend_class(backend).check_spec(kind, value)
+    except ValueError as e:
+        raise APIError(f"{param}: {e}", param=param) from None
+    # The grammar decides where the output ends; these would fight it.
+    if ignore_eos:
+        raise APIError(f"ignore_eos cannot be combined with {param}", param="ignore_eos")
+    if min_tokens:
+        raise APIError(f"min_tokens cannot be combined with {param}", param="min_tokens")
