@@ -18,16 +18,16 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-
 from server_utils import ServerProcess
 
 MODEL = "halffull-demo"
 TEMPLATE = (
     "{{ bos_token }}{% if tools %}<|system|>\nTools:{% for t in tools %} {{ t['function']['name'] }}"
+    "{% if t['function']['description'] %} ({{ t['function']['description'] }}){% endif %}"
     "{{ t['function']['parameters'] | tojson }}{% endfor %}\n{% endif %}"
     "{% for m in messages %}<|{{ m['role'] }}|>{% if m.get('name') %}({{ m['name'] }}){% endif %}\n"
     "{% if m.get('reasoning_content') %}<think>{{ m['reasoning_content'] }}</think>{% endif %}{{ m['content'] }}"
-    "{% for c in m.get('tool_calls') or [] %}<tool_call>{\"name\": \"{{ c['function']['name'] }}\", \"arguments\": "
+    "{% for c in m.get('tool_calls') or [] %}<tool_call {{ c['id'] }}>{\"name\": \"{{ c['function']['name'] }}\", \"arguments\": "
     "{{ c['function']['arguments'] | tojson }}}</tool_call>{% endfor %}"
     "{% if m.get('tool_call_id') %}[result of {{ m['tool_call_id'] }}]{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% if enable_thinking %}<think>\n{% else %}<think>\n\n</think>\n\n"
@@ -129,7 +129,7 @@ def test_200_generated_schemas_streaming_and_not(server):
             kw = dict(messages=USER, response_format={"type": "json_schema",
                                                       "json_schema": {"name": f"s{i}", "schema": schema}})
             create, text_of = client.chat.completions.create, lambda c: c.message.content
-            delta_of = lambda c: c.delta.content or ""  # noqa: E731
+            delta_of = lambda c: c.delta.content or ""
         else:
             kw = dict(prompt="x", extra_body={"structured_outputs": {"json": schema}})
             create, text_of, delta_of = client.completions.create, lambda c: c.text, lambda c: c.text
@@ -183,6 +183,9 @@ def test_json_object(client):
         assert isinstance(json.loads(out.choices[0].message.content), dict)
     else:
         assert out.choices[0].message.content.lstrip().startswith("{")
+    out = client.completions.create(model=MODEL, prompt="o", max_tokens=300, seed=3,
+                                    extra_body={"structured_outputs": {"json_object": True}})
+    assert out.choices[0].text.lstrip().startswith("{")
     text = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5, response_format={"type": "text"},
                                           temperature=0, extra_body={"ignore_eos": True})
     assert text.usage.completion_tokens == 5  # type text: no constraint, so ignore_eos is fine
@@ -215,11 +218,11 @@ def test_choice_and_grammar(client):
 def test_constraint_errors_are_400_before_streaming(client):
     bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}
     for stream in (False, True):
-        bad_request(lambda: client.chat.completions.create(  # noqa: B023
+        bad_request(lambda: client.chat.completions.create(
             model=MODEL, messages=USER, max_tokens=5, stream=stream,
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": bad}}), "response_format")
     for so in ({}, {"regex": "a", "choice": ["b"]}, {"choice": []}, {"json": "{not json"}, {"grammar": ""}):
-        bad_request(lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=5,  # noqa: B023
+        bad_request(lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=5,
                                                       extra_body={"structured_outputs": so}),
                     "structured_outputs.json" if "json" in so else
                     "structured_outputs.choice" if so.get("choice") == [] else
@@ -297,9 +300,10 @@ def test_tool_choice_auto_and_none(client):
 
 
 def test_auto_tool_choice_needs_the_flags():
+    import msgspec
+
     from server.chat import tool_mode
     from server.protocol import ChatCompletionRequest, Tool
-    import msgspec
     body = msgspec.convert({"messages": USER, "tools": TOOLS}, ChatCompletionRequest)
     off = SimpleNamespace(config=SimpleNamespace(enable_auto_tool_choice=False, tool_call_parser=None))
     with pytest.raises(Exception, match="--enable-auto-tool-choice"):
@@ -317,9 +321,9 @@ def test_tools_and_history_reach_the_template(server, client):
                {"role": "tool", "tool_call_id": "call_1", "content": "rain"}]
     tokens = httpx.post(server.url + "/tokenize", json={"messages": history, "tools": TOOLS}).json()["tokens"]
     text = httpx.post(server.url + "/detokenize", json={"tokens": tokens}).json()["prompt"]
-    assert 'Tools: get_weather{"' in text and "get_time" in text
+    assert 'Tools: get_weather (the weather in a city){"' in text and "get_time" in text
     assert "<|user|>(ann)" in text and "<think>look it up</think>" in text
-    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}</tool_call>' in text
+    assert '<tool_call call_1>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}</tool_call>' in text
     assert "<|tool|>rain[result of call_1]" in text  # (the template environment trims a newline after a tag)
     out = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=3)
     assert out.usage.prompt_tokens == len(tokens)
@@ -329,6 +333,13 @@ def test_tools_and_history_reach_the_template(server, client):
         "messages[0].tool_calls")
     bad_request(lambda: client.chat.completions.create(model=MODEL, max_tokens=3, messages=[
         {"role": "user", "content": "x", "tool_call_id": "c"}]), "messages[0].tool_call_id")
+    for bad in ({"tools": [{"type": "browser", "function": TIME["function"]}]},
+                {"tools": TOOLS, "tool_choice": {"type": "browser", "function": {"name": "get_time"}}},
+                {"messages": [{"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c", "type": "browser", "function": {"name": "f", "arguments": "{}"}}]}]},
+                {"messages": [{"role": "wizard", "content": "x"}]}):
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2} | bad)
+        assert r.status_code == 400, r.text
 
 
 # ---- reasoning ------------------------------------------------------------------------------------------------
@@ -370,7 +381,7 @@ def test_logit_bias(client):
         str(t): -100 for t in range(256) if t != ord("z")}, extra_body={"ignore_eos": True})
     assert set(banned.choices[0].text) <= {"z"} or banned.choices[0].text == ""
     for bias in ({"260": 1}, {"-1": 1}, {"x": 1}, {"65": 101}):
-        bad_request(lambda: client.completions.create(model=MODEL, prompt="b", max_tokens=2,  # noqa: B023
+        bad_request(lambda: client.completions.create(model=MODEL, prompt="b", max_tokens=2,
                                                       logit_bias=bias), "logit_bias")
 
 
@@ -382,6 +393,7 @@ def test_priority_needs_a_scheduler_that_reads_it(client):
 
 
 def test_unknown_fields_are_400(client):
+    bad_request(lambda: client.completions.create(model=MODEL, prompt="p", max_tokens=2, best_of=2), "best_of")
     bad_request(lambda: client.completions.create(model=MODEL, prompt="p", max_tokens=2, extra_body={"best_off": 1}),
                 "best_off")
     bad_request(lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x",
@@ -395,9 +407,12 @@ def test_sampling_fields_have_their_effect(server, client):
         return client.completions.create(model=MODEL, prompt="effects", **args).choices[0].text
     greedy = text(temperature=0)
     assert text(temperature=1.0, top_p=1e-9) == greedy  # top_p keeps only the top token
+    assert text(temperature=1.0, extra_body={"ignore_eos": True, "top_k": 1}) == greedy
+    assert text(temperature=1.0, extra_body={"ignore_eos": True, "min_p": 1.0}) == greedy
     long = text(temperature=0, max_tokens=120)  # long enough to repeat tokens, which the penalties then avoid
     assert text(temperature=0, max_tokens=120, frequency_penalty=2.0) != long
     assert text(temperature=0, max_tokens=120, presence_penalty=2.0) != long
+    assert text(temperature=0, max_tokens=120, extra_body={"ignore_eos": True, "repetition_penalty": 2.0}) != long
     # <|pad|> (258) is special: skipped from the text unless skip_special_tokens is false.
     pad = dict(temperature=0, max_tokens=2, logit_bias={"258": 100})
     assert text(**pad) == "" and text(**pad, extra_body={"ignore_eos": True, "skip_special_tokens": False}) == \
@@ -420,6 +435,134 @@ def test_metadata_fields_are_accepted_and_documented(client):
                                          metadata={"k": "v"})
     assert out.choices
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("Accepted metadata"):][:600]
-    for name in ("`user`", "`metadata`", "`store`", "`json_schema.description`", "`strict`", "`description`"):
+    section = readme[readme.index("Accepted metadata"):][:400]
+    for name in ("`user`", "`metadata`", "`store`", "`json_schema.name`", "`json_schema.description`", "`strict`"):
         assert name in section, name
+
+
+# ---- no field silently ignored --------------------------------------------------------------------------------
+_OPENAI = "test_server_openai.py"
+_HERE = "test_structured_server.py"
+_INPUT = "reliability/test_reliability_input.py"
+# Every field of every request schema the server publishes -> the test that shows its effect (or its 400, or,
+# for accepted metadata, that the README documents it).
+FIELD_TESTS = {
+    "CompletionRequest.model": (_OPENAI, "test_error_statuses"),
+    "CompletionRequest.n": (_OPENAI, "test_n_and_seed"),
+    "CompletionRequest.stream": (_OPENAI, "test_streaming_equals_non_streaming_completions"),
+    "CompletionRequest.stream_options": (_OPENAI, "test_streaming_equals_non_streaming_completions"),
+    "CompletionRequest.stop": (_OPENAI, "test_stop_strings_cut_text"),
+    "CompletionRequest.temperature": (_OPENAI, "test_n_and_seed"),
+    "CompletionRequest.top_p": (_HERE, "test_sampling_fields_have_their_effect"),
+    "CompletionRequest.presence_penalty": (_HERE, "test_sampling_fields_have_their_effect"),
+    "CompletionRequest.frequency_penalty": (_HERE, "test_sampling_fields_have_their_effect"),
+    "CompletionRequest.seed": (_OPENAI, "test_n_and_seed"),
+    "CompletionRequest.user": (_HERE, "test_metadata_fields_are_accepted_and_documented"),
+    "CompletionRequest.logit_bias": (_HERE, "test_logit_bias"),
+    "CompletionRequest.top_k": (_HERE, "test_sampling_fields_have_their_effect"),
+    "CompletionRequest.min_p": (_HERE, "test_sampling_fields_have_their_effect"),
+    "CompletionRequest.repetition_penalty": (_HERE, "test_sampling_fields_have_their_effect"),
+    "CompletionRequest.ignore_eos": (_OPENAI, "test_streaming_equals_non_streaming_completions"),
+    "CompletionRequest.min_tokens": (_OPENAI, "test_vllm_extensions_accepted"),
+    "CompletionRequest.stop_token_ids": (_OPENAI, "test_vllm_extensions_accepted"),
+    "CompletionRequest.skip_special_tokens": (_HERE, "test_sampling_fields_have_their_effect"),
+    "CompletionRequest.priority": (_HERE, "test_priority_needs_a_scheduler_that_reads_it"),
+    "CompletionRequest.slo_ttft_ms": (_INPUT, "test_named_hostile_inputs_are_400"),
+    "CompletionRequest.slo_tbt_ms": (_INPUT, "test_fuzz_each_field"),
+    "CompletionRequest.structured_outputs": (_HERE, "test_200_generated_schemas_streaming_and_not"),
+    "CompletionRequest.prompt": (_OPENAI, "test_token_id_prompts_and_prompt_lists"),
+    "CompletionRequest.max_tokens": (_OPENAI, "test_streaming_equals_non_streaming_completions"),
+    "CompletionRequest.echo": (_OPENAI, "test_echo_with_max_tokens_zero_scores_prompt"),
+    "CompletionRequest.logprobs": (_OPENAI, "test_completion_logprobs"),
+    "CompletionRequest.suffix": (_OPENAI, "test_error_statuses"),
+    "CompletionRequest.best_of": (_HERE, "test_unknown_fields_are_400"),
+    "StreamOptions.include_usage": (_OPENAI, "test_streaming_equals_non_streaming_completions"),
+    "StreamOptions.continuous_usage_stats": (_HERE, "test_sampling_fields_have_their_effect"),
+    "StructuredOutputsRequest.json": (_HERE, "test_200_generated_schemas_streaming_and_not"),
+    "StructuredOutputsRequest.json_object": (_HERE, "test_json_object"),
+    "StructuredOutputsRequest.regex": (_HERE, "test_regex_full_match"),
+    "StructuredOutputsRequest.choice": (_HERE, "test_choice_and_grammar"),
+    "StructuredOutputsRequest.grammar": (_HERE, "test_choice_and_grammar"),
+    "ChatCompletionRequest.messages": (_OPENAI, "test_streaming_equals_non_streaming_chat"),
+    "ChatCompletionRequest.max_completion_tokens": (_OPENAI, "test_streaming_equals_non_streaming_chat"),
+    "ChatCompletionRequest.logprobs": (_OPENAI, "test_chat_logprobs"),
+    "ChatCompletionRequest.top_logprobs": (_OPENAI, "test_chat_logprobs"),
+    "ChatCompletionRequest.tools": (_HERE, "test_tools_and_history_reach_the_template"),
+    "ChatCompletionRequest.tool_choice": (_HERE, "test_forced_tool_calls_validate_and_stream_the_same"),
+    "ChatCompletionRequest.parallel_tool_calls": (_HERE, "test_forced_tool_calls_validate_and_stream_the_same"),
+    "ChatCompletionRequest.response_format": (_HERE, "test_200_generated_schemas_streaming_and_not"),
+    "ChatCompletionRequest.chat_template_kwargs": (_HERE, "test_reasoning_split_and_enable_thinking"),
+    "ChatCompletionRequest.add_generation_prompt": (_HERE, "test_sampling_fields_have_their_effect"),
+    "ChatCompletionRequest.metadata": (_HERE, "test_metadata_fields_are_accepted_and_documented"),
+    "ChatCompletionRequest.store": (_HERE, "test_metadata_fields_are_accepted_and_documented"),
+    "ChatMessage.role": (_HERE, "test_tools_and_history_reach_the_template"),
+    "ChatMessage.content": (_HERE, "test_tools_and_history_reach_the_template"),
+    "ChatMessage.name": (_HERE, "test_tools_and_history_reach_the_template"),
+    "ChatMessage.tool_calls": (_HERE, "test_tools_and_history_reach_the_template"),
+    "ChatMessage.tool_call_id": (_HERE, "test_tools_and_history_reach_the_template"),
+    "ChatMessage.reasoning": (_HERE, "test_tools_and_history_reach_the_template"),
+    "ToolCall.id": (_HERE, "test_tools_and_history_reach_the_template"),
+    "ToolCall.type": (_HERE, "test_tools_and_history_reach_the_template"),
+    "ToolCall.function": (_HERE, "test_tools_and_history_reach_the_template"),
+    "FunctionCall.name": (_HERE, "test_tools_and_history_reach_the_template"),
+    "FunctionCall.arguments": (_HERE, "test_tools_and_history_reach_the_template"),
+    "Tool.type": (_HERE, "test_tools_and_history_reach_the_template"),
+    "Tool.function": (_HERE, "test_tools_and_history_reach_the_template"),
+    "FunctionDefinition.name": (_HERE, "test_forced_tool_calls_validate_and_stream_the_same"),
+    "FunctionDefinition.description": (_HERE, "test_tools_and_history_reach_the_template"),
+    "FunctionDefinition.parameters": (_HERE, "test_forced_tool_calls_validate_and_stream_the_same"),
+    "FunctionDefinition.strict": (_HERE, "test_metadata_fields_are_accepted_and_documented"),
+    "NamedToolChoice.type": (_HERE, "test_tools_and_history_reach_the_template"),
+    "NamedToolChoice.function": (_HERE, "test_forced_tool_calls_validate_and_stream_the_same"),
+    "FunctionName.name": (_HERE, "test_tool_choice_auto_and_none"),
+    "ResponseFormat.type": (_HERE, "test_json_object"),
+    "ResponseFormat.json_schema": (_HERE, "test_constraint_errors_are_400_before_streaming"),
+    "JSONSchema.name": (_HERE, "test_metadata_fields_are_accepted_and_documented"),
+    "JSONSchema.description": (_HERE, "test_metadata_fields_are_accepted_and_documented"),
+    "JSONSchema.schema": (_HERE, "test_sdk_parse_with_a_pydantic_model"),
+    "JSONSchema.strict": (_HERE, "test_metadata_fields_are_accepted_and_documented"),
+}
+# Fields both endpoints share are covered once, under CompletionRequest.
+_SHARED = "model n stream stream_options stop temperature top_p presence_penalty frequency_penalty seed user " \
+          "logit_bias top_k min_p repetition_penalty ignore_eos min_tokens stop_token_ids skip_special_tokens " \
+          "priority slo_ttft_ms slo_tbt_ms structured_outputs max_tokens".split()
+
+
+def request_fields(spec: dict) -> set[str]:
+    """Schema.field for every field reachable from the generation endpoints' request bodies."""
+    schemas, seen, out = spec["components"]["schemas"], set(), set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref is not None:
+                name = ref.rsplit("/", 1)[1]
+                if name not in seen:
+                    seen.add(name)
+                    out.update(f"{name}.{f}" for f in schemas[name].get("properties", {}))
+                    walk(schemas[name])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        walk(spec["paths"][path]["post"]["requestBody"])
+    return out
+
+
+def test_every_request_field_has_a_test(server):
+    import ast
+
+    from server_utils import ROOT
+    fields = request_fields(httpx.get(server.url + "/openapi.json").json())
+    table = dict(FIELD_TESTS) | {f"ChatCompletionRequest.{f}": FIELD_TESTS[f"CompletionRequest.{f}"]
+                                 for f in _SHARED if f"ChatCompletionRequest.{f}" not in FIELD_TESTS}
+    assert not fields - table.keys(), f"fields with no test: {sorted(fields - table.keys())}"
+    assert not table.keys() - fields, f"the table names fields the server no longer has: {sorted(table.keys() - fields)}"
+    defined: dict[str, set[str]] = {}
+    for file, test in table.values():
+        if file not in defined:
+            tree = ast.parse((ROOT / "tests" / file).read_text())
+            defined[file] = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert test in defined[file], f"{file}::{test} does not exist"
