@@ -16,7 +16,6 @@ log = logging.getLogger("server")
 def parse_args(argv=None) -> argparse.Namespace:
     from balancer import BALANCERS
     from scheduling import SCHEDULERS
-    from engine.structured import BACKENDS
     from scheduling.registry import add_knob_flags
 
     from .reasoning import REASONING_PARSERS
@@ -49,8 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight requests may take to finish")
-    p.add_argument("--structured-outputs-backend", default="auto", choices=BACKENDS,
-                   help="grammar engine for structured outputs (auto: the one measured faster, see README)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
     p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
@@ -104,7 +101,7 @@ def main(argv=None) -> None:
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
         scheduler=args.scheduler, scheduler_knobs=knob_values(args, SCHEDULERS, args.scheduler),
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-        load_format=args.load_format, structured_outputs_backend=args.structured_outputs_backend, seed=args.seed)
+        load_format=args.load_format, seed=args.seed)
     devices = worker_devices(args)
     tokenizer = load_tokenizer(model_path)
     vocab_size = json.loads((model_path / "config.json").read_text())["vocab_size"]
