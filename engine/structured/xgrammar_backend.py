@@ -12,7 +12,7 @@ import xgrammar as xgr
 from .backend import GrammarBackend, Matcher
 
 # Compact JSON: with free whitespace a weak model can emit blanks forever and never close the object.
-JSON_OPTIONS = dict(any_whitespace=False)
+JSON_OPTIONS = dict(any_whitespace=False, separators=(",", ":"))  # as llguidance writes it
 
 
 class XGrammarMatcher(Matcher):
@@ -70,15 +70,25 @@ def unenforced_feature(schema) -> str | None:
     return next((found for s in subschemas if (found := unenforced_feature(s))), None)
 
 
+# xgrammar 0.2.9 writes the characters of a length-bounded string (minLength/maxLength) as this class,
+# which lets raw control characters through: invalid JSON. Ours excludes them, as its unbounded strings do.
+BOUNDED_STRING_CHAR, JSON_STRING_CHAR = r'[^\"\\\r\n]', r'[^\0-\x1f\"\\]'
+
+
+def _json_grammar(schema: str) -> xgr.Grammar:
+    ebnf = str(xgr.Grammar.from_json_schema(schema, **JSON_OPTIONS))
+    return xgr.Grammar.from_ebnf(ebnf.replace(BOUNDED_STRING_CHAR, JSON_STRING_CHAR))
+
+
 def _grammar(kind: str, value) -> xgr.Grammar:
     if kind == "json" and (feature := unenforced_feature(json.loads(value))):
         raise ValueError(f"structured_outputs.json uses {feature}, which the xgrammar backend does not support "
                          "(--structured-outputs-backend guidance may)")
     try:
         if kind == "json":
-            return xgr.Grammar.from_json_schema(value, **JSON_OPTIONS)
+            return _json_grammar(value)
         if kind == "json_object":
-            return xgr.Grammar.from_json_schema('{"type": "object"}', **JSON_OPTIONS)
+            return _json_grammar('{"type": "object"}')
         if kind == "regex":
             return xgr.Grammar.from_regex(value)
         if kind == "choice":
