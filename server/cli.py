@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash-attn", "torch-flash", "triton", "torch"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    p.add_argument("--structured-outputs-backend", default="auto", choices=["auto", "xgrammar", "guidance"],
+                   help="grammar engine for structured outputs (auto: guidance, see BENCHMARKS.md)")
     p.add_argument("--workers", type=int, default=None, help="engine workers (default: one per GPU, else 1)")
     p.add_argument("--devices", default=None, help="comma-separated CUDA device ids, one worker each")
     p.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
@@ -101,7 +103,7 @@ def main(argv=None) -> None:
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
         scheduler=args.scheduler, scheduler_knobs=knob_values(args, SCHEDULERS, args.scheduler),
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-        load_format=args.load_format, seed=args.seed)
+        load_format=args.load_format, seed=args.seed, structured_outputs_backend=args.structured_outputs_backend)
     devices = worker_devices(args)
     tokenizer = load_tokenizer(model_path)
     vocab_size = json.loads((model_path / "config.json").read_text())["vocab_size"]
