@@ -390,6 +390,8 @@ def test_priority_needs_a_scheduler_that_reads_it(client):
                                                         extra_body={"priority": 1}), "priority")
     assert "--scheduler priority" in msg
     assert client.completions.create(model=MODEL, prompt="p", max_tokens=2, extra_body={"priority": 0}).choices
+    from server.serving import check_priority
+    check_priority(SimpleNamespace(config=SimpleNamespace(honors_priority=True, scheduler="priority")), 5)
 
 
 def test_unknown_fields_are_400(client):
