@@ -11,6 +11,7 @@ concatenate to exactly the arguments a non-streaming answer gives. Text that is 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ class Parsed:
     calls: list[PartialCall] = field(default_factory=list)
 
 
-Parser = Callable[[str, bool], Parsed]  # (text so far, whether it is all of it) -> Parsed; raises Malformed
+Parser = Callable[[str, bool], Parsed]
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # (text so far, whether it is all of it) -> Parsed; raises Malformed
 
 
 # ---- a JSON scanner that knows where values end, on text that may stop anywhere ----------------------------
@@ -229,18 +231,55 @@ def llama3_json(text: str, final: bool) -> Parsed:
 
 
 def mistral(text: str, final: bool) -> Parsed:
-    """[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]; content before the marker."""
-    marker = "[TOOL_CALLS]"
+    """[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...] (tokenizers before v11), or, from v11 on,
+    [TOOL_CALLS]name[ARGS]{...} once per call; content before the first marker."""
+    marker, args_marker = "[TOOL_CALLS]", "[ARGS]"
     start = text.find(marker)
     if start < 0:
         return Parsed(_before_marker(text, marker, final))
     out = Parsed(text[:start])
     j = _ws(text, start + len(marker))
-    if j < len(text):
-        if text[j] == "[":
-            out.calls, _ = _array(text, j, final, ("arguments", "parameters"))
+    if j >= len(text):
+        return out
+    if text[j] == "[":
+        out.calls, _ = _array(text, j, final, ("arguments", "parameters"))
+        return out
+    if text[j] == "{":
+        out.calls.append(_call(text, j, final, ("arguments", "parameters"))[0])
+        return out
+    while j < len(text):  # v11: name[ARGS]{...}
+        a = text.find(args_marker, j)
+        name = text[j:a] if a >= 0 else _before_marker(text[j:], args_marker, final)
+        if name and not _NAME.fullmatch(name):
+            raise Malformed(f"not a function name: {name[:20]!r}")
+        if a < 0:
+            if final:
+                raise Malformed(f"no {args_marker} after a function name")
+            break
+        if not name:
+            raise Malformed("a tool call without a name")
+        v = _ws(text, a + len(args_marker))
+        if v >= len(text):
+            out.calls.append(PartialCall(name, ""))
+            break
+        if text[v] != "{":
+            raise Malformed("a tool call's arguments must be a JSON object")
+        end = _value_end(text, v, final)
+        out.calls.append(PartialCall(name, text[v:end if end is not None else len(text)], done=end is not None))
+        if end is None:
+            break
+        try:
+            if not isinstance(json.loads(text[v:end]), dict):
+                raise Malformed("a tool call's arguments must be a JSON object")
+        except ValueError as e:
+            raise Malformed(f"a tool call is not valid JSON: {e}") from None
+        j = _ws(text, end)
+        if text.startswith(marker, j):
+            j = _ws(text, j + len(marker))
+        elif j < len(text) and not (not final and marker.startswith(text[j:])):
+            raise Malformed(f"unexpected text after a tool call: {text[j:j + 20]!r}")
         else:
-            out.calls.append(_call(text, j, final, ("arguments", "parameters"))[0])
+            break
     return out
 
 

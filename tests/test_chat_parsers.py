@@ -38,6 +38,11 @@ CASES = [
     ("mistral", '[TOOL_CALLS][{"name": "a", "arguments": {"x": [1, 2', '[TOOL_CALLS][{"name": "a", "arguments": {"x": [1, 2',
      []),
     ("mistral", "[TOOL_CALLS]oops", "[TOOL_CALLS]oops", []),
+    ("mistral", f'Hi[TOOL_CALLS]get_weather[ARGS]{WEATHER}[TOOL_CALLS]b[ARGS]{{}}', "Hi",
+     [("get_weather", json.loads(WEATHER)), ("b", {})]),  # v11 tokenizers
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Par', '[TOOL_CALLS]get_weather[ARGS]{"city": "Par', []),
+    ("mistral", "[TOOL_CALLS]get weather[ARGS]{}", "[TOOL_CALLS]get weather[ARGS]{}", []),
+    ("mistral", "[TOOL_CALLS]f[ARGS]{} and more", "[TOOL_CALLS]f[ARGS]{} and more", []),
     ("mistral", "plain [TOOL", "plain [TOOL", []),
 ]
 
