@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -102,14 +103,15 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, bitmasks: dict[str, torch.Tensor] | None = None) -> list[ChunkResult]:
-        """Run the plan; results are aligned with plan.chunks. `bitmasks`: the allowed-token bitmask
-        row of each constrained request, by request id (structured outputs)."""
+    def execute(self, plan: StepPlan, bitmasks: Future | None = None) -> list[ChunkResult]:
+        """Run the plan; results are aligned with plan.chunks. `bitmasks` (structured outputs): the
+        allowed-token bitmask row of each constrained request by request id, being filled on a
+        thread while the forward pass runs."""
         # Decodes first: the attention backends take them as one batch.
         order = sorted(range(len(plan.chunks)), key=lambda i: plan.chunks[i].num_tokens != 1)
         chunks = [plan.chunks[i] for i in order]
         tokens, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
-        sample_index, sample_rows = [], []
+        sample_index, sample_rows, sample_ids = [], [], []
         scored = []  # (chunk position in `chunks`, flat indices, next tokens, k) for prompt logprobs
         bs = self.block_size
         for ci, chunk in enumerate(chunks):
@@ -126,8 +128,8 @@ class ModelRunner:
             if chunk.samples:
                 sample_index.append(base + n - 1)
                 sample_rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids,
-                                               self.config.eos_token_ids,
-                                               bitmasks.get(req.request_id) if bitmasks else None))
+                                               self.config.eos_token_ids))
+                sample_ids.append(req.request_id)
             if (params.prompt_logprobs is not None and req.num_output_tokens == 0
                     and start < req.num_prompt_tokens - 1):
                 end = min(start + n, req.num_prompt_tokens - 1)
@@ -142,6 +144,10 @@ class ModelRunner:
         results = [ChunkResult() for _ in chunks]
         if sample_index:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=dev)])
+            if bitmasks is not None:
+                masks = bitmasks.result()
+                for row, rid in zip(sample_rows, sample_ids):
+                    row.bitmask = masks.get(rid)
             out = sample(logits, SamplingBatch(sample_rows, dev))
             sampling_chunks = [ci for ci, c in enumerate(chunks) if c.samples]
             for j, ci in enumerate(sampling_chunks):

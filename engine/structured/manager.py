@@ -77,6 +77,7 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         # One thread: compiles queue behind each other rather than compete with the step for cores.
         self.pool = cf.ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        self.mask_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self.cache: OrderedDict[bytes, cf.Future] = OrderedDict()
         self.pending: dict[str, tuple[Request, StructuredOutputs, cf.Future]] = {}
         self.grammars: dict[str, RequestGrammar] = {}
@@ -135,14 +136,17 @@ class StructuredOutputManager:
         return request_id in self.pending
 
     # ---- the step --------------------------------------------------------------------------------
-    def bitmasks(self, requests: list[Request]) -> dict[str, torch.Tensor] | None:
-        """Bitmask rows (CPU int32) for those of `requests` whose next token is constrained."""
-        rows = [(r.request_id, g) for r in requests
+    def bitmasks(self, requests: list[Request]) -> cf.Future | None:
+        """Bitmask rows (CPU int32, by request id) for those of `requests` whose next token is
+        constrained, filled on a thread so that the fill overlaps the model's forward pass (the masks
+        depend only on tokens already sampled). None when no row is constrained."""
+        rows = [(r.request_id, g.matcher) for r in requests
                 if (g := self.grammars.get(r.request_id)) is not None and g.active]
-        if not rows:
-            return None
+        return self.mask_pool.submit(self._fill, rows) if rows else None
+
+    def _fill(self, rows: list[tuple[str, Matcher]]) -> dict[str, torch.Tensor]:
         bitmask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
-        self.backend.fill_bitmask([g.matcher for _, g in rows], bitmask)
+        self.backend.fill_bitmask([m for _, m in rows], bitmask)
         return {rid: bitmask[i] for i, (rid, _) in enumerate(rows)}
 
     def advance(self, requests: list[Request]) -> list[Request]:
