@@ -394,8 +394,11 @@ def test_priority_needs_a_scheduler_that_reads_it(client):
     check_priority(SimpleNamespace(config=SimpleNamespace(honors_priority=True, scheduler="priority")), 5)
 
 
-def test_unknown_fields_are_400(client):
+def test_unknown_and_refused_fields_are_400(client):
     bad_request(lambda: client.completions.create(model=MODEL, prompt="p", max_tokens=2, best_of=2), "best_of")
+    for slo in ("slo_ttft_ms", "slo_tbt_ms"):  # read by SLO-aware schedulers; a target must be positive
+        bad_request(lambda: client.completions.create(model=MODEL, prompt="p", max_tokens=2,  # noqa: B023
+                                                      extra_body={slo: 0}), slo)
     bad_request(lambda: client.completions.create(model=MODEL, prompt="p", max_tokens=2, extra_body={"best_off": 1}),
                 "best_off")
     bad_request(lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x",
@@ -445,7 +448,6 @@ def test_metadata_fields_are_accepted_and_documented(client):
 # ---- no field silently ignored --------------------------------------------------------------------------------
 _OPENAI = "test_server_openai.py"
 _HERE = "test_structured_server.py"
-_INPUT = "reliability/test_reliability_input.py"
 # Every field of every request schema the server publishes -> the test that shows its effect (or its 400, or,
 # for accepted metadata, that the README documents it).
 FIELD_TESTS = {
@@ -469,15 +471,15 @@ FIELD_TESTS = {
     "CompletionRequest.stop_token_ids": (_OPENAI, "test_vllm_extensions_accepted"),
     "CompletionRequest.skip_special_tokens": (_HERE, "test_sampling_fields_have_their_effect"),
     "CompletionRequest.priority": (_HERE, "test_priority_needs_a_scheduler_that_reads_it"),
-    "CompletionRequest.slo_ttft_ms": (_INPUT, "test_named_hostile_inputs_are_400"),
-    "CompletionRequest.slo_tbt_ms": (_INPUT, "test_fuzz_each_field"),
+    "CompletionRequest.slo_ttft_ms": (_HERE, "test_unknown_and_refused_fields_are_400"),
+    "CompletionRequest.slo_tbt_ms": (_HERE, "test_unknown_and_refused_fields_are_400"),
     "CompletionRequest.structured_outputs": (_HERE, "test_200_generated_schemas_streaming_and_not"),
     "CompletionRequest.prompt": (_OPENAI, "test_token_id_prompts_and_prompt_lists"),
     "CompletionRequest.max_tokens": (_OPENAI, "test_streaming_equals_non_streaming_completions"),
     "CompletionRequest.echo": (_OPENAI, "test_echo_with_max_tokens_zero_scores_prompt"),
     "CompletionRequest.logprobs": (_OPENAI, "test_completion_logprobs"),
     "CompletionRequest.suffix": (_OPENAI, "test_error_statuses"),
-    "CompletionRequest.best_of": (_HERE, "test_unknown_fields_are_400"),
+    "CompletionRequest.best_of": (_HERE, "test_unknown_and_refused_fields_are_400"),
     "StreamOptions.include_usage": (_OPENAI, "test_streaming_equals_non_streaming_completions"),
     "StreamOptions.continuous_usage_stats": (_HERE, "test_sampling_fields_have_their_effect"),
     "StructuredOutputsRequest.json": (_HERE, "test_200_generated_schemas_streaming_and_not"),
