@@ -185,6 +185,11 @@ def test_matcher_rolls_back_to_a_shorter_output(backend):
     rolled, _ = mask_after(text[:5], g)  # the same matcher, moved back
     assert torch.equal(rolled, short) and g.consumed == 5
     assert not RequestGrammar(b.matcher(compiled), None).sync(list(b"[1]"))  # a schema violation is refused
+    # With start_after: back to before the marker, the constraint is off again, and starts anew after it.
+    g = RequestGrammar(b.matcher(compiled), list(b"##"))
+    assert g.sync(list(b"xx##" b'{"name"')) and g.start == 4 and g.consumed == 7
+    assert g.sync(list(b"xx#")) and g.start is None and not g.active
+    assert g.sync(list(b"xx#yy##{")) and g.start == 7 and g.consumed == 1
 
 
 # ---- preemption and prefix caching: constrained greedy outputs are token-identical -----------------
