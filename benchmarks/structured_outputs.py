@@ -153,7 +153,7 @@ def bench_engine(args) -> str:
     llm = LLM(path, load_format="dummy" if args.model is None else "auto",
               structured_outputs_backend=args.backend, max_num_seqs=256)
     engine, manager = llm.engine, llm.engine.structured
-    grammar_s = [0.0]  # time in the manager's per-step work (bitmask fill, overlapping the forward; matcher advance)
+    grammar_s = [0.0]  # the manager's per-step work: bitmask fill (overlapping the forward), matcher advance
     for name in ("_fill", "advance"):
         def timed(*a, _f=getattr(manager, name)):
             t0 = time.perf_counter()
@@ -191,7 +191,8 @@ def bench_engine(args) -> str:
     rows = [f"| {n} concurrent requests | output tokens | time | output tok/s | steps | ms/step | CPU ms/step "
             "(all threads) | grammar ms/step |", "|---|---|---|---|---|---|---|---|",
             f"| unconstrained (ignore_eos, {mean_len} tokens each) | {f_tokens} | {f_time:.2f} s | "
-            f"{f_tokens / f_time:,.0f} | {f_steps} | {1000 * f_time / f_steps:.1f} | {1000 * f_cpu / f_steps:.1f} | - |",
+            f"{f_tokens / f_time:,.0f} | {f_steps} | {1000 * f_time / f_steps:.1f} | "
+            f"{1000 * f_cpu / f_steps:.1f} | - |",
             f"| json_schema ({args.backend}) | {c_tokens} | {c_time:.2f} s | {c_tokens / c_time:,.0f} | {c_steps} | "
             f"{1000 * c_time / c_steps:.1f} | {1000 * c_cpu / c_steps:.1f} | {1000 * c_grammar / c_steps:.2f} |"]
     ratio = (c_tokens / c_time) / (f_tokens / f_time)
