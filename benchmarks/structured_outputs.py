@@ -153,7 +153,7 @@ def bench_engine(args) -> str:
     llm = LLM(path, load_format="dummy" if args.model is None else "auto",
               structured_outputs_backend=args.backend, max_num_seqs=256)
     engine, manager = llm.engine, llm.engine.structured
-    grammar_s = [0.0]  # time in the manager's per-step work (bitmask fill, overlapping the forward; matcher advance)
+    grammar_s = [0.0]  # the manager's per-step work: bitmask fill (overlapping the forward), matcher advance
     for name in ("_fill", "advance"):
         def timed(*a, _f=getattr(manager, name)):
             t0 = time.perf_counter()
@@ -171,51 +171,56 @@ def bench_engine(args) -> str:
     def run(params):
         grammar_s[0] = 0.0
         steps0 = engine.scheduler.num_steps
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         steps = engine.scheduler.num_steps - steps0
         tokens = sum(len(o.token_ids) for o in outs)
-        return outs, tokens, elapsed, steps
+        return outs, tokens, elapsed, steps, cpu
 
     constrained = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.max_tokens, structured_outputs=schema)
                    for i in range(args.num_requests)]
-    c_outs, c_tokens, c_time, c_steps = run(constrained)
+    c_outs, c_tokens, c_time, c_steps, c_cpu = run(constrained)
     c_grammar = grammar_s[0]
     assert all(o.finish_reason == "stop" and json.loads(o.text) for o in c_outs)
     mean_len = round(c_tokens / len(c_outs))
     free = [SamplingParams(temperature=1.0, seed=i, max_tokens=mean_len, ignore_eos=True)
             for i in range(args.num_requests)]
-    f_outs, f_tokens, f_time, f_steps = run(free)
-    rows = ["| requests (64 concurrent) | output tokens | time | output tok/s | steps | ms/step | grammar ms/step |",
-            "|---|---|---|---|---|---|---|",
+    f_outs, f_tokens, f_time, f_steps, f_cpu = run(free)
+    n = args.num_requests
+    rows = [f"| {n} concurrent requests | output tokens | time | output tok/s | steps | ms/step | CPU ms/step "
+            "(all threads) | grammar ms/step |", "|---|---|---|---|---|---|---|---|",
             f"| unconstrained (ignore_eos, {mean_len} tokens each) | {f_tokens} | {f_time:.2f} s | "
-            f"{f_tokens / f_time:,.0f} | {f_steps} | {1000 * f_time / f_steps:.1f} | - |",
+            f"{f_tokens / f_time:,.0f} | {f_steps} | {1000 * f_time / f_steps:.1f} | "
+            f"{1000 * f_cpu / f_steps:.1f} | - |",
             f"| json_schema ({args.backend}) | {c_tokens} | {c_time:.2f} s | {c_tokens / c_time:,.0f} | {c_steps} | "
-            f"{1000 * c_time / c_steps:.1f} | {1000 * c_grammar / c_steps:.2f} |"]
+            f"{1000 * c_time / c_steps:.1f} | {1000 * c_cpu / c_steps:.1f} | {1000 * c_grammar / c_steps:.2f} |"]
     ratio = (c_tokens / c_time) / (f_tokens / f_time)
 
     # A cold compile while 64 unconstrained streams decode: step times around it.
     for i, p in enumerate(prompts):
-        engine.add_request(GenerateRequest(f"bg{i}", p, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True),
+        engine.add_request(GenerateRequest(f"bg{i}", p, SamplingParams(max_tokens=40, ignore_eos=True),
                                            time.monotonic()))
-    steps, submitted, joined = [], None, None
+    steps, submitted, joined = [], None, None  # step durations
     cold = StructuredOutputs(json=json.dumps({**SCHEMA, "title": f"cold-{time.time()}"}))
     while engine.has_work():
         t0 = time.perf_counter()
         engine.step()
-        steps.append((t0, time.perf_counter() - t0))
-        if len(steps) == 20:
+        steps.append(time.perf_counter() - t0)
+        if len(steps) == 10:
             submitted = time.perf_counter()
-            engine.add_request(GenerateRequest("cold", prompts[0], SamplingParams(max_tokens=300,
+            engine.add_request(GenerateRequest("cold", prompts[0], SamplingParams(max_tokens=8,
                                                structured_outputs=cold), time.monotonic()))
         if submitted and joined is None and "cold" in engine.scheduler.requests:
-            joined = len(steps)
-    during = [d for t, d in steps[20:joined]]
-    base = statistics.median(d for t, d in steps[5:20])
+            joined, compile_s = len(steps), time.perf_counter() - submitted
+    if joined is None:
+        raise SystemExit("the other streams ended before the compile did: raise their max_tokens")
+    during = steps[10:joined - 1]  # the steps that ran while the grammar compiled
+    base = statistics.median(steps[3:10])
     extra = sum(d - base for d in during)
-    rows += ["", f"Cold compile of the mid-size schema ({args.backend}) while 64 streams decode: the request "
-             f"joined the batch {joined - 20} step(s) after it arrived; those steps took "
+    rows += ["", f"Cold compile of the mid-size schema ({args.backend}) while {n} streams decode: the request "
+             f"joined the batch {1000 * compile_s:.0f} ms and {joined - 10} step(s) after it arrived; the "
+             f"{len(during)} step(s) run meanwhile took "
              f"{', '.join(f'{1000 * d:.0f}' for d in during)} ms against a median of {1000 * base:.0f} ms before, "
              f"{1000 * extra:+.0f} ms in all ({extra / base:+.2f} steps) for every other stream."]
     return "\n".join(rows) + f"\n\nconstrained/unconstrained throughput: {ratio:.2f}"

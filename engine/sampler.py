@@ -61,11 +61,10 @@ class SamplingBatch:
                 words[i] = rows[i].bitmask
             self.bitmask = words.to(device)
 
-    def allowed(self, vocab: int) -> torch.Tensor:
-        """[N, vocab] bool from the bitmask words (rows without a constraint allow everything)."""
-        shifts = torch.arange(32, dtype=torch.int32, device=self.device)
-        bits = (self.bitmask[:, :, None] >> shifts) & 1
-        return bits.reshape(len(self.rows), -1)[:, :vocab].bool()
+    def forbidden(self, vocab: int) -> torch.Tensor:
+        """[N, vocab] bool from the bitmask words (rows without a constraint forbid nothing)."""
+        bits = 1 << torch.arange(32, dtype=torch.int32, device=self.device)
+        return ((self.bitmask[:, :, None] & bits) == 0).reshape(len(self.rows), -1)[:, :vocab]
 
     def _token_counts(self, vocab: int, which: str) -> torch.Tensor:
         """[N, vocab] counts of each row's output (or prompt+output) tokens."""
@@ -128,7 +127,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         for i, tokens in batch.banned:
             logits[i, tokens] = float("-inf")
     if batch.bitmask is not None:  # after the bias: no bias can bring back a token the grammar forbids
-        logits = logits.masked_fill(~batch.allowed(logits.shape[1]), float("-inf"))
+        logits = logits.masked_fill(batch.forbidden(logits.shape[1]), float("-inf"))
     tokens = logits.argmax(dim=-1)
     if not batch.all_greedy:
         scaled = logits / batch.temperature[:, None]

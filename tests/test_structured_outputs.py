@@ -185,6 +185,11 @@ def test_matcher_rolls_back_to_a_shorter_output(backend):
     rolled, _ = mask_after(text[:5], g)  # the same matcher, moved back
     assert torch.equal(rolled, short) and g.consumed == 5
     assert not RequestGrammar(b.matcher(compiled), None).sync(list(b"[1]"))  # a schema violation is refused
+    # With start_after: back to before the marker, the constraint is off again, and starts anew after it.
+    g = RequestGrammar(b.matcher(compiled), list(b"##"))
+    assert g.sync(list(b"xx##" b'{"name"')) and g.start == 4 and g.consumed == 7
+    assert g.sync(list(b"xx#")) and g.start is None and not g.active
+    assert g.sync(list(b"xx#yy##{")) and g.start == 7 and g.consumed == 1
 
 
 # ---- preemption and prefix caching: constrained greedy outputs are token-identical -----------------
@@ -244,3 +249,19 @@ def test_every_kind_on_a_bpe_tokenizer(bpe_model_dir, backend):
     llm = LLM(str(bpe_model_dir), dtype="float32", structured_outputs_backend=backend)
     assert any(len(llm.tokenizer.decode([t])) > 1 for t in range(300, 512))  # multi-byte tokens exist
     check_all_kinds(llm, "Answer: ", temperature=1.0, seed=3)
+
+
+def test_sampler_applies_bitmask_rows_including_the_sign_bit():
+    import torch
+
+    from engine.sampler import SamplingBatch, SamplingRow, sample
+    words = torch.zeros(9, dtype=torch.int32)
+    words[0], words[1] = 1 << 3, -2**31  # tokens 3 and 63 (bit 31 of word 1: the int32 sign bit)
+    rows = [SamplingRow(SamplingParams(temperature=1.0), [1], [], bitmask=words),
+            SamplingRow(SamplingParams(temperature=0.0), [1], [])]  # unconstrained beside it
+    batch = SamplingBatch(rows, torch.device("cpu"))
+    logits = torch.randn(2, 260)
+    logits[0, 3] = logits[0, 63] = -50.0  # the grammar's tokens are the least likely ones
+    picks = [sample(logits, batch).token_ids for _ in range(30)]
+    assert {p[0] for p in picks} == {3, 63}
+    assert {p[1] for p in picks} == {int(logits[1].argmax())}

@@ -60,8 +60,9 @@ class GrammarBackend:
     name: ClassVar[str] = ""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]):
-        """`vocab_size` is the width of the model's logits (it may exceed the tokenizer's)."""
-        self.vocab_size = vocab_size
+        """`tokenizer` is the model's Hugging Face tokenizer; `vocab_size` the width of the model's
+        logits (it may exceed the tokenizer's); EOS is allowed only where the grammar accepts."""
+        raise NotImplementedError
 
     @staticmethod
     def check_spec(kind: str, value) -> None:

@@ -57,7 +57,6 @@ class GuidanceBackend(GrammarBackend):
     name = "guidance"
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]):
-        super().__init__(tokenizer, vocab_size, eos_token_ids)
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
                                                       eos_token=sorted(eos_token_ids) or None)
         self.executor = llguidance.LLExecutor()

@@ -39,6 +39,9 @@ class RequestGrammar:
     def sync(self, output: list[int]) -> bool:
         """Bring the matcher to the end of `output`: accept what it has not seen, roll back what is no
         longer there. False if the grammar rejects a token."""
+        if self.start is not None and len(output) < self.start:  # shrank to before the constraint began
+            self.matcher.rollback(self.consumed)
+            self.start, self.consumed, self.next_end = None, 0, len(self.start_after)
         if self.start is None:
             k = len(self.start_after)
             for end in range(self.next_end, len(output) + 1):
@@ -117,7 +120,8 @@ class StructuredOutputManager:
                 continue
             del self.pending[rid]
             try:
-                self.grammars[rid] = RequestGrammar(self.backend.matcher(future.result()), spec.start_after)
+                compiled = future.result()
+                self.grammars[rid] = RequestGrammar(self.backend.matcher(compiled), spec.start_after)
                 ready.append(request)
             except Exception as e:  # noqa: BLE001 - a grammar the backend cannot build fails its request only
                 failed.append((request, f"structured outputs: {type(e).__name__}: {e}"))

@@ -102,7 +102,6 @@ class XGrammarBackend(GrammarBackend):
     name = "xgrammar"
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]):
-        super().__init__(tokenizer, vocab_size, eos_token_ids)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(eos_token_ids) or None)
         # One compile thread: compiles already run beside the step loop, on a machine it shares.
