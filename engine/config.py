@@ -110,6 +110,7 @@ class EngineArgs:
     # CPU: linear weights packed once for oneDNN (engine/models/linear.py). Off by default: oneDNN keeps a
     # primitive of about 0.6 MB per weight and distinct batch size, so memory grows with the shapes seen.
     cpu_prepack_weights: bool = False
+    structured_outputs_backend: str = "auto"  # auto | xgrammar | guidance
     seed: int = 0
     step_log: str | None = None  # a directory: each engine appends one JSON line per step (engine/step_log.py)
 

@@ -17,6 +17,8 @@ from .messages import GenerateRequest, LoadReport, RequestTimings, TokenOutput, 
 from .model_runner import ModelRunner
 from .requests import scheduler_request
 from .step_log import StepLog
+from .structured import BACKENDS, StructuredOutputManager
+from .tokenizer import has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,8 @@ def _top(entry) -> TopLogprobs | None:
 
 
 class EngineCore:
+    COMPILE_WAIT_S = 0.02  # with nothing to run, how long a step waits for a grammar before returning
+
     def __init__(self, model_path, args: EngineArgs | None = None, worker_id: int = 0):
         args = args or EngineArgs()
         device = args.resolved_device()
@@ -51,6 +55,13 @@ class EngineCore:
                                        max_model_len=self.max_model_len,
                                        eos_token_ids=config.eos_token_ids, output_length=args.output_length)
         self.scheduler = make_scheduler(args.scheduler, sched_config, self.kv, args.scheduler_knobs or None)
+        if args.structured_outputs_backend not in BACKENDS:
+            raise ValueError(f"unknown structured outputs backend {args.structured_outputs_backend!r}; "
+                             f"choose {', '.join(BACKENDS)}")
+        # Grammars need the tokenizer's vocabulary: without one, constrained requests are refused.
+        self.structured = StructuredOutputManager(
+            args.structured_outputs_backend, lambda: load_tokenizer(config.path), config.vocab_size,
+            config.eos_token_ids) if has_tokenizer(config.path) else None
         self.prompt_logprobs: dict[str, list] = {}
         self.requests_in = 0
         self.step_log = StepLog(args.step_log, worker_id) if args.step_log else None
@@ -71,15 +82,31 @@ class EngineCore:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(t < 0 or t >= vocab for t in message.sampling.stop_token_ids):  # the sampler indexes logits with them
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
-        if message.request_id in self.scheduler.requests:
+        if message.request_id in self.scheduler.requests or (self.structured and message.request_id in self.structured):
             raise ValueError(f"request id {message.request_id!r} is already in use")
-        message.sampling.validate()
+        s = message.sampling
+        s.validate()
+        if s.logit_bias and any(t < 0 or t >= vocab for t in s.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if s.structured_outputs is not None:
+            if self.structured is None:
+                raise ValueError("structured_outputs needs a model with a tokenizer; this one has none")
+            # The grammar decides where the output ends; these would fight it.
+            if s.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with structured_outputs")
+            if s.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs")
+            self.structured.check(s.structured_outputs)
 
     def add_request(self, message: GenerateRequest) -> None:
         # Counted even when refused: the balancer reconciles what it sent against this number.
         self.requests_in += 1
         self.validate(message)
-        self.scheduler.add(scheduler_request(message, payload=message.sampling))
+        request = scheduler_request(message, payload=message.sampling)
+        if message.sampling.structured_outputs is None:
+            self.scheduler.add(request)
+        else:  # joins the scheduler in a later step, once its grammar is compiled
+            self.structured.submit(request, message.sampling.structured_outputs)
         if self.step_log is not None:
             self.step_log.arrival(message.request_id, message.arrival_time, len(message.prompt_token_ids),
                                   message.sampling.max_tokens)
@@ -87,21 +114,36 @@ class EngineCore:
     def abort(self, request_id: str) -> TokenOutput | None:
         self.prompt_logprobs.pop(request_id, None)
         request = self.scheduler.abort(request_id)
+        if self.structured is not None:
+            request = self.structured.abort(request_id) or request
         return None if request is None else TokenOutput(request_id, [], finish_reason="abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.structured and self.structured.pending)
+
+    def _admit_compiled(self) -> list[TokenOutput]:
+        """Constrained requests whose grammar is ready join the scheduler; failed compiles end here."""
+        ready, failed = self.structured.ready()
+        for request in ready:
+            self.scheduler.add(request)
+        return [TokenOutput(r.request_id, [], finish_reason="error", error=error, status=400) for r, error in failed]
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self, now: float | None = None) -> list[TokenOutput]:
+        outputs = self._admit_compiled() if self.structured is not None else []
         start = time.monotonic()
         now = start if now is None else now
         plan = self.scheduler.schedule(now)
         if not plan:
-            return []
+            if self.structured is not None and self.structured.pending and not outputs:
+                self.structured.wait(self.COMPILE_WAIT_S)  # nothing to run until a grammar is ready
+            return outputs
         shapes = chunk_shapes(plan) if self.step_log is not None else None
         t0 = time.perf_counter()
-        results = self.runner.execute(plan)
+        bitmasks = None
+        if self.structured is not None and self.structured.grammars:
+            bitmasks = self.structured.bitmasks([c.request for c in plan.chunks if c.samples])
+        results = self.runner.execute(plan, bitmasks)
         elapsed = time.perf_counter() - t0
         done = time.monotonic()
         for chunk, res in zip(plan.chunks, results):
@@ -109,8 +151,9 @@ class EngineCore:
                 if chunk.start == 0:  # (re)starting the prompt: drop what a preempted pass scored
                     self.prompt_logprobs[chunk.request.request_id] = [None]
                 self.prompt_logprobs[chunk.request.request_id] += res.prompt_logprobs
-        touched = set(map(id, self.scheduler.update(plan, [r.token for r in results], done, elapsed)))
-        outputs = []
+        touched = self.scheduler.update(plan, [r.token for r in results], done, elapsed)
+        rejected = set(map(id, self.structured.advance(touched))) if self.structured is not None else set()
+        touched = set(map(id, touched))
         for chunk, res in zip(plan.chunks, results):
             request = chunk.request
             if id(request) not in touched:
@@ -123,6 +166,9 @@ class EngineCore:
             if (request.request_id in self.prompt_logprobs
                     and chunk.start + chunk.num_tokens >= request.num_prompt_tokens):
                 out.prompt_logprobs = [_top(e) for e in self.prompt_logprobs.pop(request.request_id)]
+            if id(request) in rejected:  # cannot happen while the mask is applied; never let it pass silently
+                self.abort(request.request_id)
+                out.finish_reason, out.error, out.status = "error", "structured outputs: grammar rejected a token", 500
             if request.num_output_tokens <= 1 or request.finish_reason:
                 out.timings = RequestTimings(queue_s=(request.first_scheduled_time or done) - request.arrival_time,
                                              num_preemptions=request.num_preemptions)

@@ -11,6 +11,16 @@ import msgspec
 from scheduling.scheduler import SchedulerStats
 
 
+class StructuredOutputs(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One constraint on a request's output; exactly one field is set."""
+    json: str | None = None          # a JSON schema, as JSON text
+    json_object: bool = False        # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None       # EBNF / Lark grammar text
+    start_after: list[int] | None = None  # token ids (e.g. the end of a reasoning block) after which the constraint starts
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_tokens: int = 16
     min_tokens: int = 0
@@ -28,6 +38,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None  # top-k alternatives per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
+    logit_bias: dict[int, float] | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first parameter out of range."""
@@ -56,6 +68,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 bad(name, "must be between 0 and 20")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed", "must fit in 64 bits")
+        if self.logit_bias and not all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+            bad("logit_bias", "values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import torch
@@ -178,8 +179,10 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[ChunkResult]:
-        """Run the plan (decodes first, as the scheduler guarantees); results are aligned with plan.chunks."""
+    def execute(self, plan: StepPlan, bitmasks: Future | None = None) -> list[ChunkResult]:
+        """Run the plan (decodes first, as the scheduler guarantees); results are aligned with plan.chunks.
+        `bitmasks` (structured outputs): the allowed-token bitmask row of each constrained request by
+        request id, being filled on a thread while the forward pass runs."""
         step = self.prepare(plan.chunks)
         if self.group.size > 1:
             self._broadcast(step)
@@ -187,7 +190,7 @@ class ModelRunner:
             threads = self.step_threads(step.layout)
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
-        return self.sample_and_score(plan.chunks, step, self.forward(step))
+        return self.sample_and_score(plan.chunks, step, self.forward(step), bitmasks)
 
     def step_threads(self, layout: BatchLayout) -> int:
         """Intra-op threads for a CPU step: all the worker's for a step with enough matmul work, one fewer
@@ -269,7 +272,8 @@ class ModelRunner:
             scored = self.model.compute_logits(hidden[self._upload(index, torch.int64)])
         return sampled, scored
 
-    def sample_and_score(self, chunks: list[Chunk], step: StepInputs, hidden: torch.Tensor) -> list[ChunkResult]:
+    def sample_and_score(self, chunks: list[Chunk], step: StepInputs, hidden: torch.Tensor,
+                         bitmasks: Future | None = None) -> list[ChunkResult]:
         """Sampled tokens and prompt logprobs on the host. Sampling ends in the step's one synchronisation
         (a step that also scores prompt tokens, for `prompt_logprobs`, adds one); a step with neither
         synchronises anyway, so the step time the scheduler measures is this step's own."""
@@ -278,6 +282,10 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).synchronize()
         sampled_logits, scored_logits = self.logits(step, hidden)
         if step.sampled:
+            if bitmasks is not None:
+                masks = bitmasks.result()
+                for row, i in zip(step.sampling_rows, step.sampled):
+                    row.bitmask = masks.get(chunks[i].request.request_id)
             out = sample(sampled_logits, SamplingBatch(step.sampling_rows, self.device))
             for j, i in enumerate(step.sampled):
                 results[i].token = out.token_ids[j]

@@ -1,6 +1,6 @@
-"""Token sampling on the device for a whole batch: penalties, temperature, top-k/top-p/min-p,
-per-request seeds, logprobs. Inputs go up with non-blocking copies; one host synchronisation per
-step, at the end."""
+"""Token sampling on the device for a whole batch: penalties, logit bias, allowed-token masks
+(structured outputs), temperature, top-k/top-p/min-p, per-request seeds, logprobs. Inputs go up with
+non-blocking copies; one host synchronisation per step, at the end."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: frozenset[int] = frozenset()
+    bitmask: torch.Tensor | None = None  # CPU int32 words, bit j of word i allows token 32*i+j
 
     def banned_tokens(self) -> list[int]:
         """Tokens that would end the request before `min_tokens` outputs: masked out, as vLLM does."""
@@ -63,6 +64,20 @@ class SamplingBatch:
         self.max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         self.banned = [(i, r.banned_tokens()) for i, r in enumerate(rows)]
         self.banned = [(i, b) for i, b in self.banned if b]
+        self.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))
+                           for i, p in enumerate(params) if p.logit_bias]
+        self.bitmask = None
+        masked = [i for i, r in enumerate(rows) if r.bitmask is not None]
+        if masked:
+            words = torch.full((len(rows), rows[masked[0]].bitmask.shape[0]), -1, dtype=torch.int32)
+            for i in masked:
+                words[i] = rows[i].bitmask
+            self.bitmask = words.to(device)
+
+    def forbidden(self, vocab: int) -> torch.Tensor:
+        """[N, vocab] bool from the bitmask words (rows without a constraint forbid nothing)."""
+        bits = 1 << torch.arange(32, dtype=torch.int32, device=self.device)
+        return ((self.bitmask[:, :, None] & bits) == 0).reshape(len(self.rows), -1)[:, :vocab]
 
     def _token_counts(self, vocab: int, which: str) -> torch.Tensor:
         """[N, vocab] counts of each row's output (or prompt+output) tokens."""
@@ -116,11 +131,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
     if batch.has_penalties:
         logits = batch.apply_penalties(logits)
-    if batch.banned:
+    if batch.banned or batch.logit_bias:
         logits = logits.clone()
-        rows = [i for i, tokens in batch.banned for _ in tokens]
-        cols = [t for _, tokens in batch.banned for t in tokens]
-        logits[to_device(rows, batch.device), to_device(cols, batch.device)] = float("-inf")
+        for i, tokens, bias in batch.logit_bias:
+            logits[i, tokens] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+        if batch.banned:
+            rows = [i for i, tokens in batch.banned for _ in tokens]
+            cols = [t for _, tokens in batch.banned for t in tokens]
+            logits[to_device(rows, batch.device), to_device(cols, batch.device)] = float("-inf")
+    if batch.bitmask is not None:  # after the bias: no bias can bring back a token the grammar forbids
+        logits = logits.masked_fill(batch.forbidden(logits.shape[1]), float("-inf"))
     tokens = logits.argmax(dim=-1)
     if not batch.all_greedy:
         scaled = logits / batch.temperature[:, None]

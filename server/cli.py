@@ -18,6 +18,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     from scheduling import SCHEDULERS
     from scheduling.output_length import MODES as OUTPUT_LENGTH_MODES
     from scheduling.registry import add_knob_flags
+
+    from .reasoning import REASONING_PARSERS
+    from .tool_parsers import TOOL_CALL_PARSERS
     p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible LLM server")
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: the built-in demo model)")
     p.add_argument("--served-model-name", default=None)
@@ -52,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated CUDA device ids, one worker each (its first, under tensor parallelism)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks per worker, each holding a shard of the model (GPUs, or CPU processes over gloo)")
+    p.add_argument("--structured-outputs-backend", default="auto", choices=["auto", "xgrammar", "guidance"],
+                   help="grammar engine for structured outputs (auto: guidance, see BENCHMARKS.md)")
     p.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
     p.add_argument("--balancer", default="round-robin", choices=sorted(BALANCERS))
     p.add_argument("--output-length", default="history", choices=OUTPUT_LENGTH_MODES,
@@ -66,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allowed-methods", type=json_list, default=["*"], help="CORS: allowed methods as a JSON list")
     p.add_argument("--allowed-headers", type=json_list, default=["*"], help="CORS: allowed headers as a JSON list")
     p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+                   help="how tool calls read in this model's output (hermes: Qwen2.5/Qwen3)")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split <think>...</think> into the message's `reasoning` field")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-log", metavar="DIR", default=None,
                    help="each worker appends one JSON line per step to DIR/worker-<id>.jsonl (loadgen simulate fit)")
@@ -78,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      ("--allow-credentials", args.allow_credentials)) if given]
     if args.allowed_origins is None and cors_flags:
         p.error(f"{', '.join(cors_flags)} without --allowed-origins: CORS is off unless origins are given")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        p.error("--enable-auto-tool-choice needs --tool-call-parser")
     return args
 
 
@@ -138,7 +151,7 @@ def main(argv=None) -> None:
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
         cpu_parallel_min_gflop=args.cpu_parallel_min_gflop, cpu_prepack_weights=args.cpu_prepack_weights,
-        step_log=args.step_log)
+        step_log=args.step_log, structured_outputs_backend=args.structured_outputs_backend)
     devices = worker_devices(args)
     tokenizer = load_tokenizer(model_path)
     vocab_size = json.loads((model_path / "config.json").read_text())["vocab_size"]
@@ -158,7 +171,10 @@ def main(argv=None) -> None:
         app.state.halffull = AppState(client, tokenizer, ServerConfig(
             served_model_name=name, max_model_len=ready[0].max_model_len, vocab_size=vocab_size,
             api_key=args.api_key, protect_metrics=args.protect_metrics,
-            max_queued_requests=args.max_queued_requests, max_request_body_bytes=args.max_request_body_bytes))
+            max_queued_requests=args.max_queued_requests, max_request_body_bytes=args.max_request_body_bytes,
+            scheduler=args.scheduler, honors_priority=getattr(SCHEDULERS[args.scheduler], "honors_priority", False),
+            tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+            reasoning_parser=args.reasoning_parser, structured_outputs_backend=args.structured_outputs_backend))
         try:
             yield
         finally:

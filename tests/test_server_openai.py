@@ -153,7 +153,7 @@ def test_chat_logprobs(client):
 def test_vllm_extensions_accepted(client):
     out = client.completions.create(model="halffull-demo", prompt="ext", max_tokens=10, temperature=0.8, seed=1,
                                     extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2,
-                                                "min_tokens": 10, "priority": 1, "slo_tbt_ms": 200})
+                                                "min_tokens": 10, "slo_tbt_ms": 200})
     assert out.usage.completion_tokens == 10
     greedy = client.completions.create(model="halffull-demo", prompt="ext", max_tokens=20, logprobs=0, **GREEDY)
     tokens = greedy.choices[0].logprobs.tokens

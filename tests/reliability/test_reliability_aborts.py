@@ -52,7 +52,7 @@ def test_burst_without_queue_limit_all_finish(server):
 def test_stream_cut_before_its_body_starts_still_aborts():
     """A client that leaves while the response headers are being sent cancels the response before its body
     generator ever runs, so the generator cannot abort the request itself: the response must."""
-    from server.app import ChoicesStream
+    from server.serving import ChoicesStream
 
     class Choice:
         aborted = False
