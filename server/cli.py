@@ -172,7 +172,7 @@ def main(argv=None) -> None:
             served_model_name=name, max_model_len=ready[0].max_model_len, vocab_size=vocab_size,
             api_key=args.api_key, protect_metrics=args.protect_metrics,
             max_queued_requests=args.max_queued_requests, max_request_body_bytes=args.max_request_body_bytes,
-            scheduler=args.scheduler, honors_priority=getattr(SCHEDULERS[args.scheduler], "honors_priority", False),
+            scheduler=args.scheduler, honors_priority=SCHEDULERS[args.scheduler].honors_priority,
             tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
             reasoning_parser=args.reasoning_parser, structured_outputs_backend=args.structured_outputs_backend))
         try:
