@@ -20,4 +20,4 @@ def scheduler_request(wire: GenerateRequest, payload: Any) -> Request:
         stop_token_ids=frozenset(s.stop_token_ids), priority=wire.priority,
         ttft_slo_s=None if slo.ttft_ms is None else slo.ttft_ms / 1000,
         tbt_slo_s=None if slo.tbt_ms is None else slo.tbt_ms / 1000,
-        payload=payload)
+        skip_prefix_cache=s.prompt_logprobs is not None, payload=payload)

@@ -87,7 +87,7 @@ class KVBlockManager:
         At least one token is always left to compute, since its logits are what we sample from.
         """
         assert not request.block_ids and request.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.skip_prefix_cache:
             return 0
         bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs

@@ -25,6 +25,9 @@ class Request:
     priority: int = 0  # lower is more urgent, as in vLLM
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    # Every prompt position must be computed, none taken from the prefix cache: prompt logprobs
+    # are scored from the logits of the positions the step computes.
+    skip_prefix_cache: bool = False
     # Opaque to every scheduler; the model runner reads it (sampling parameters).
     payload: Any = None
 

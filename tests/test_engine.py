@@ -95,6 +95,21 @@ def test_prompt_logprobs_match_generation_logprobs(llm):
         assert abs(mine.logprob - ref.logprob) < 1e-4
 
 
+def test_prompt_logprobs_of_a_cached_prompt_score_every_position(llm):
+    """A prompt whose blocks are in the prefix cache is still scored at every position: with prompt
+    logprobs it computes its whole prompt. (Before, the first chunk started past the cached blocks and
+    the engine raised KeyError, killing the worker.)"""
+    prompt = [(7 * i + 3) % 500 for i in range(70)]  # four full blocks of 16 to cache
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    first = llm.generate([prompt], params)[0]
+    again = llm.generate([prompt], params)[0]
+    cached = llm.generate([prompt], SamplingParams(max_tokens=1))[0]
+    assert cached.num_cached_tokens > 0  # the cache does hold the prompt
+    assert again.num_cached_tokens == 0 and len(again.prompt_logprobs) == len(prompt)
+    for mine, ref in zip(again.prompt_logprobs[1:], first.prompt_logprobs[1:]):
+        assert abs(mine.logprob - ref.logprob) < 1e-5
+
+
 def test_abort_mid_generation_frees_blocks(llm):
     engine = llm.engine
     for i in range(6):
