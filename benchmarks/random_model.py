@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.demo import CHAT_TEMPLATE, CONFIG, SPECIAL_TOKENS, _byte_of, demo_model_dir  # noqa: E402
+from engine.demo import CONFIG, SPECIAL_TOKENS, demo_model_dir, write_tokenizer  # noqa: E402
 
 VOCAB = 32000
 SPECIAL = {name: VOCAB - len(SPECIAL_TOKENS) + i for i, name in enumerate(SPECIAL_TOKENS)}  # the last ids
@@ -26,26 +26,6 @@ LLAMA_100M = CONFIG | {
     "vocab_size": VOCAB, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
     "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": 64, "tie_word_embeddings": True,
     "bos_token_id": SPECIAL["<|bos|>"], "eos_token_id": SPECIAL["<|eos|>"], "pad_token_id": SPECIAL["<|pad|>"]}
-
-
-def write_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
-    vocab = {ch: b for b, ch in enumerate(alphabet)}
-    pairs = (a + b for a in alphabet for b in alphabet)
-    while len(vocab) < VOCAB - len(SPECIAL_TOKENS):
-        vocab[next(pairs)] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", unk_token="<|unk|>")
-    assert fast.convert_tokens_to_ids(SPECIAL_TOKENS) == list(SPECIAL.values())
-    fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = CONFIG["max_position_embeddings"]
-    fast.save_pretrained(str(path))
 
 
 def num_parameters(c: dict) -> int:
@@ -58,7 +38,7 @@ def ensure_random_model() -> Path:
     path = demo_model_dir().parent / "llama-100m-random-v2"
     if not (path / "config.json").is_file():
         path.mkdir(parents=True, exist_ok=True)
-        write_tokenizer(path)
+        write_tokenizer(path, VOCAB)
         (path / "config.json").write_text(json.dumps(LLAMA_100M, indent=2))  # written last: marks it complete
     return path
 

@@ -72,23 +72,28 @@ def _write(path: Path) -> None:
                     p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h)}
     save_file(weights, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(c, indent=2))
-    _write_tokenizer(path)
+    write_tokenizer(path)
 
 
-def _write_tokenizer(path: Path) -> None:
+def write_tokenizer(path: Path, vocab_size: int = CONFIG["vocab_size"]) -> None:
+    """A byte-level BPE tokenizer without merges: exactly one token per byte, so any text round-trips.
+    A larger `vocab_size` fills the ids between the bytes and the special tokens (which come last) with
+    two-byte strings that encoding never produces, so every id of a bigger random model decodes to text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    # Byte-level BPE without merges: exactly one token per byte, any text round-trips.
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_chars = sorted(alphabet, key=lambda ch: _byte_of(ch))
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
     vocab = {ch: b for b, ch in enumerate(byte_chars)}
+    pairs = (a + b for a in byte_chars for b in byte_chars)
+    while len(vocab) < vocab_size - len(SPECIAL_TOKENS):
+        vocab[next(pairs)] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
                                    pad_token="<|pad|>", unk_token="<|unk|>")
+    assert len(fast) == vocab_size
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = CONFIG["max_position_embeddings"]
     fast.save_pretrained(str(path))
