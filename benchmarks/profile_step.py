@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="sequences decoding in the profiled steps")
     p.add_argument("--input-len", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cpu-prepack-weights", action="store_true")
+    p.add_argument("--cpu-prepack-weights", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--trace", default=None, help="write the decode step's chrome trace here")
     args = p.parse_args()
 
