@@ -80,17 +80,19 @@ def profile(llm, label: str, layer_label: str):
     stage_ms = {s: sum(e.cpu_time_total for e in events if e.name == s) / 1000 for _, s in STAGES}
     # Categories over every op dispatched inside the forward (not nested in another op).
     fwd_ops = [e for e in events if e.cpu_parent is not None and e.cpu_parent.name in (layer_label, "forward")]
-    cat_ms = collections.Counter()
+    cat_ms, op_ms = collections.Counter(), collections.Counter()
     for e in fwd_ops:
         lname = e.name.lower()
         cat = next((c for c, keys in CATEGORIES if any(k in lname for k in keys)), "other ops in the forward")
         cat_ms[cat] += e.cpu_time_total / 1000
+        op_ms[e.name] += e.cpu_time_total / 1000
     print(f"\n== {label}: wall {1000 * wall:.1f} ms (under the profiler)")
     print(f"ops per decoder layer: {per_layer_kernels:.0f} that compute (not views), {per_layer_top:.0f} "
           f"top-level, {per_layer_all:.0f} in all")
     print("  " + ", ".join(f"{n} x{c}" for n, c in names.most_common()))
     print("stages (ms): " + ", ".join(f"{s} {ms:.1f}" for s, ms in stage_ms.items()))
     print("forward by kind (ms): " + ", ".join(f"{c} {ms:.1f}" for c, ms in cat_ms.most_common()))
+    print("forward by op (ms): " + ", ".join(f"{n} {ms:.1f}" for n, ms in op_ms.most_common(12)))
     return per_layer_kernels, per_layer_top, per_layer_all
 
 
