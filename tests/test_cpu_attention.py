@@ -97,3 +97,18 @@ def test_auto_picks_the_kernel_on_cpu_and_rejects_bad_input():
     q, k, v, cache, meta = scenario(rng, [1, 1], [3, 4], 4, 2, 16, 16, torch.float32)
     with pytest.raises(RuntimeError, match="one dtype"):
         CpuAttentionBackend().forward(q.double(), k, v, *cache, meta, 0.1)
+
+
+def test_threads_split_the_work_without_changing_it():
+    """Work items are (token, KV head), each computed whole by one thread: 1 or 2 threads, same bits."""
+    rng = random.Random(3)
+    q, k, v, cache, meta = scenario(rng, *CASES["prefill-with-context"], 12, 4, 64, 16, torch.float32)
+    previous = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(CpuAttentionBackend().forward(q, k, v, *[c.clone() for c in cache], meta, 0.125))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(*outs)

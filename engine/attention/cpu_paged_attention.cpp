@@ -6,9 +6,9 @@
 // dimension. A sequence's q_len new tokens are the last q_len of its seq_len context, and new token i of
 // them sees the first seq_len - q_len + i + 1 keys (causal): decodes and prefill chunks are the same case.
 //
-// One work item is (token, KV head): the G = H / Hkv query heads sharing that KV head go through the
-// context together, so each key and value row is loaded once for all of them, with an online softmax
-// (running max and sum, rescaled per block). Accumulation is in float32 whatever the cache dtype.
+// One work item is a new token: all its query heads go through the context together, block by block, with
+// an online softmax (running max and sum, rescaled per block); the query heads of a GQA group read the
+// same key and value rows. Accumulation is in float32 whatever the cache dtype.
 // Compiled with -O3 -march=native -ffast-math: the loops over head_dim (a compile-time constant)
 // vectorize, and so do the exponentials (glibc's vector expf). The code never relies on infinities.
 
@@ -61,70 +61,83 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       token_keys[t - first] = lens[s] - (starts[s + 1] - t) + 1;
     }
 
-  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(group * (2 * D + block_size + 2));
-    float* qf = buf.data();            // [group, D] scaled queries
-    float* acc = qf + group * D;       // [group, D] running sum of p * v
-    float* p = acc + group * D;        // [group, block_size] scores, then probabilities, of one block
-    float* m = p + group * block_size; // [group] running max
-    float* l = m + group;              // [group] running sum of probabilities
+  // One work item per new token, all its heads together: a cache block is read front to back (its rows
+  // interleave the KV heads), which the hardware prefetcher follows; a block read one head's slice at a
+  // time strides 1 KB and stalls on memory.
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(heads * (2 * D + block_size + 2));
+    float* qf = buf.data();              // [H, D] scaled queries
+    float* acc = qf + heads * D;         // [H, D] running sum of p * v
+    float* p = acc + heads * D;          // [H, block_size] scores, then probabilities, of one block
+    float* m = p + heads * block_size;   // [H] running max
+    float* l = m + heads;                // [H] running sum of probabilities
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t t = first + w / kv_heads, h = w % kv_heads;
-      const int64_t s = token_seq[w / kv_heads], keys = token_keys[w / kv_heads];
-      for (int64_t g = 0; g < group; ++g) {
-        const T* src = qp + t * q_st + (h * group + g) * q_sh;
+      const int64_t t = first + w, s = token_seq[w], keys = token_keys[w];
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* src = qp + t * q_st + h * q_sh;
 #pragma omp simd
         for (int d = 0; d < D; ++d) {
-          qf[g * D + d] = static_cast<float>(src[d]) * static_cast<float>(scale);
-          acc[g * D + d] = 0.f;
+          qf[h * D + d] = static_cast<float>(src[d]) * static_cast<float>(scale);
+          acc[h * D + d] = 0.f;
         }
-        l[g] = 0.f;
+        l[h] = 0.f;
       }
       for (int64_t start = 0; start < keys; start += block_size) {
         const int64_t n = std::min(block_size, keys - start);
-        const int64_t base = tables[s * table_stride + start / block_size] * block_stride + h * D;
+        const int64_t base = tables[s * table_stride + start / block_size] * block_stride;
         const T* kb = kp + base;
         const T* vb = vp + base;
+        float row_f[D];  // one key or value row of one KV head, read once for the query heads of its group
         for (int64_t j = 0; j < n; ++j)
-          for (int64_t g = 0; g < group; ++g) {
-            float dot = 0.f;
+          for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+            const T* kj = kb + j * row + kvh * D;
+#pragma omp simd
+            for (int d = 0; d < D; ++d) row_f[d] = static_cast<float>(kj[d]);
+            for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+              float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < D; ++d) dot += qf[g * D + d] * static_cast<float>(kb[j * row + d]);
-            p[g * block_size + j] = dot;
+              for (int d = 0; d < D; ++d) dot += qf[h * D + d] * row_f[d];
+              p[h * block_size + j] = dot;
+            }
           }
-        for (int64_t g = 0; g < group; ++g) {
-          float* pg = p + g * block_size;
-          float block_max = pg[0];
-          for (int64_t j = 1; j < n; ++j) block_max = std::max(block_max, pg[j]);
+        for (int64_t h = 0; h < heads; ++h) {
+          float* ph = p + h * block_size;
+          float block_max = ph[0];
+          for (int64_t j = 1; j < n; ++j) block_max = std::max(block_max, ph[j]);
           // The first block sets the running max; later ones rescale what came before (factor <= 1).
-          const float new_max = start == 0 ? block_max : std::max(m[g], block_max);
+          const float new_max = start == 0 ? block_max : std::max(m[h], block_max);
           float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
           for (int64_t j = 0; j < n; ++j) {
-            pg[j] = std::exp(pg[j] - new_max);
-            sum += pg[j];
+            ph[j] = std::exp(ph[j] - new_max);
+            sum += ph[j];
           }
-          if (start > 0 && new_max > m[g]) {
-            const float factor = std::exp(m[g] - new_max);
-            l[g] *= factor;
+          if (start > 0 && new_max > m[h]) {
+            const float factor = std::exp(m[h] - new_max);
+            l[h] *= factor;
 #pragma omp simd
-            for (int d = 0; d < D; ++d) acc[g * D + d] *= factor;
+            for (int d = 0; d < D; ++d) acc[h * D + d] *= factor;
           }
-          m[g] = new_max;
-          l[g] += sum;
+          m[h] = new_max;
+          l[h] += sum;
         }
         for (int64_t j = 0; j < n; ++j)
-          for (int64_t g = 0; g < group; ++g) {
-            const float pj = p[g * block_size + j];
+          for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+            const T* vj = vb + j * row + kvh * D;
 #pragma omp simd
-            for (int d = 0; d < D; ++d) acc[g * D + d] += pj * static_cast<float>(vb[j * row + d]);
+            for (int d = 0; d < D; ++d) row_f[d] = static_cast<float>(vj[d]);
+            for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+              const float pj = p[h * block_size + j];
+#pragma omp simd
+              for (int d = 0; d < D; ++d) acc[h * D + d] += pj * row_f[d];
+            }
           }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        T* dst = op + (t * heads + h * group + g) * D;
-        const float inv = 1.f / l[g];
+      for (int64_t h = 0; h < heads; ++h) {
+        T* dst = op + (t * heads + h) * D;
+        const float inv = 1.f / l[h];
 #pragma omp simd
-        for (int d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[g * D + d] * inv);
+        for (int d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[h * D + d] * inv);
       }
     }
   });
