@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from engine import LLM
 from engine.attention import AttentionMetadata, make_backend
 from engine.attention.cpu_backend import CpuAttentionBackend
 from engine.attention.torch_backend import TorchAttentionBackend
@@ -90,6 +91,7 @@ def test_bfloat16_against_float32_reference():
 
 def test_auto_picks_the_kernel_on_cpu_and_rejects_bad_input():
     assert make_backend("auto", torch.device("cpu")).name == "cpu"
+    assert (torch.tensor([1e-40]) * 2).item() > 0, "loading the kernel turned on flush-to-zero"
     rng = random.Random(2)
     q, k, v, cache, meta = scenario(rng, [1, 1], [3, 4], 4, 2, 48, 16, torch.float32)
     with pytest.raises(RuntimeError, match="head_dim 48"):
@@ -112,3 +114,14 @@ def test_threads_split_the_work_without_changing_it():
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_both_backends_match_transformers(tiny_models, backend):
+    """End to end, logprobs included: the kernel (which the other engine tests run as `auto`) and the torch
+    reference it falls back to, with chunked prefills so that chunks attend to cached context."""
+    from test_engine_hf import check_against_hf, mixed_prompts
+    llm = LLM(str(tiny_models["qwen3"]), dtype="float32", num_kv_blocks=256, attention_backend=backend,
+              max_num_batched_tokens=64)
+    assert llm.engine.runner.backend.name == backend
+    check_against_hf(llm, tiny_models["qwen3"], mixed_prompts(n=8), logprobs=True)
