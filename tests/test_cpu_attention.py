@@ -125,3 +125,15 @@ def test_both_backends_match_transformers(tiny_models, backend):
               max_num_batched_tokens=64)
     assert llm.engine.runner.backend.name == backend
     check_against_hf(llm, tiny_models["qwen3"], mixed_prompts(n=8), logprobs=True)
+
+
+def test_auto_falls_back_to_the_reference_when_the_kernel_does_not_build(monkeypatch, caplog):
+    from engine.attention import cpu_backend
+
+    def broken():
+        raise RuntimeError("Error building extension 'halffull_cpu_attention'")
+    monkeypatch.setattr(cpu_backend, "load_kernel", broken)
+    assert make_backend("auto", torch.device("cpu")).name == "torch"
+    assert "cpu attention kernel is unavailable" in caplog.text and "Error building extension" in caplog.text
+    with pytest.raises(RuntimeError):
+        make_backend("cpu", torch.device("cpu"))  # asked for by name: no silent substitute

@@ -42,16 +42,19 @@ def make_backend(name: str, device: torch.device, block_size: int = 16):
     if name == "torch":
         return TorchAttentionBackend()
     if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"the cpu attention backend runs on CPU, not {device}")
         from .cpu_backend import CpuAttentionBackend
         return CpuAttentionBackend()
     if name == "auto":
-        if device.type != "cuda":
+        if device.type == "cpu":
             try:
                 return make_backend("cpu", device, block_size)
             except Exception as e:  # noqa: BLE001 - a compiler error is any exception type; the reference works
                 log.warning("the cpu attention kernel is unavailable (%r); using the torch reference backend, "
                             "which gathers a copy of the context every step", e)
-                return TorchAttentionBackend()
+        if device.type != "cuda":
+            return TorchAttentionBackend()
         failures = []
         for candidate in BACKENDS[:-1]:
             try:
@@ -69,4 +72,5 @@ def make_backend(name: str, device: torch.device, block_size: int = 16):
     if name in ("flash-attn", "torch-flash"):
         from . import flash_backend
         return flash_backend.make(name, block_size)
-    raise ValueError(f"unknown attention backend {name!r}; choose auto, {', '.join(BACKENDS[:-1] + CPU_BACKENDS)}")
+    choices = ", ".join(BACKENDS[:-1] + CPU_BACKENDS)
+    raise ValueError(f"unknown attention backend {name!r}; choose auto, {choices}")
