@@ -2,7 +2,7 @@
 with the torch profiler: where the step's time goes, and how many ops one decoder layer dispatches.
 
     python benchmarks/profile_step.py [--model DIR | --random-llama-100m] [--batch 64] [--threads 1]
-        [--cpu-prepack-weights] [--attention-backend torch]
+        [--no-cpu-prepack-weights] [--attention-backend torch]
 
 The op count per layer is deterministic (it does not depend on the machine's load); the times are only
 meaningful on an otherwise idle machine. Ops are counted as the profiler sees them dispatched from
