@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix-cache-hash-salt", default=os.environ.get("HALFFULL_PREFIX_CACHE_HASH_SALT", ""),
                    help="a secret mixed into the prefix cache's block digests, so they cannot be predicted "
                         "(or $HALFFULL_PREFIX_CACHE_HASH_SALT, which ps does not show)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "flash-attn", "torch-flash", "triton", "torch"])
+    p.add_argument("--attention-backend", default="auto",
+                   choices=["auto", "flash-attn", "torch-flash", "triton", "cpu", "torch"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     p.add_argument("--cpu-prepack-weights", action=argparse.BooleanOptionalAction, default=True,
