@@ -1,13 +1,16 @@
 """How well the simulator predicts the live server: for each scheduler, one live server with a step
-log, a fit run, then live runs at several rates, each replayed through the simulator on the fitted
-step model; prints and writes the relative error of each figure.
+log, a capacity run and a fit run, then live runs at several rates, each replayed through the
+simulator on the step model fitted on the first two; prints and writes the relative error of each
+figure.
 
     python benchmarks/replay_accuracy.py --schedulers fcfs,larry,slai,sarathi --loads 0.5,0.7,0.9 \
         --num-requests 400 --output out/replay-accuracy
 
 The same CPU setup as tests/test_replay.py (demo model, 2 workers, SAL, Azure conversation requests
-clamped to --max-model-len tokens), larger: the fit run keeps 16 requests in flight; each measured
-run sends Poisson arrivals at a fraction (--loads) of the rate the fit run sustained.
+clamped to --max-model-len tokens), larger: the capacity run keeps 16 requests in flight (the
+machine's capacity, and steps of large batches); the fit run sends Poisson arrivals at --fit-load
+of that capacity (another seed: the server path as Poisson arrivals meet it, and steps of every
+batch size below); each measured run sends Poisson arrivals at a fraction (--loads) of it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def main() -> None:
     p.add_argument("--schedulers", default="fcfs")
     p.add_argument("--loads", default="0.8", help="measured runs' rates, as fractions of the fit run's throughput")
     p.add_argument("--num-requests", type=int, default=200)
-    p.add_argument("--fit-requests", type=int, default=100)
+    p.add_argument("--fit-requests", type=int, default=100, help="requests of the capacity run and of the fit run")
+    p.add_argument("--fit-load", type=float, default=0.9, help="the fit run's rate, as a fraction of capacity")
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--workload", default=str(CONV_TRACE))
     p.add_argument("--output", type=Path, required=True)
@@ -54,15 +58,16 @@ def main() -> None:
                                "--step-log", str(out / "steps"))
         rates = []
         try:
-            live(server, out / "fit", args, 1, args.fit_requests, "--rate", "inf", "--max-concurrency", "16")
-            capacity = json.loads((out / "fit" / "results.json").read_text())["summary"]["request_throughput"]
+            live(server, out / "capacity", args, 2, args.fit_requests, "--rate", "inf", "--max-concurrency", "16")
+            capacity = json.loads((out / "capacity" / "results.json").read_text())["summary"]["request_throughput"]
+            live(server, out / "fit", args, 1, args.fit_requests, "--rate", f"{args.fit_load * capacity:.3f}")
             for load in args.loads.split(","):
                 rates.append(f"{float(load) * capacity:.3f}")
                 live(server, out / f"live-{rates[-1]}", args, 0, args.num_requests, "--rate", rates[-1])
         finally:
             server.stop()
-        loadgen("simulate", "fit", "--step-log", str(out / "steps"), "--results", str(out / "fit"),
-                "--output", str(out / "model.json"))
+        loadgen("simulate", "fit", "--step-log", str(out / "steps"), "--results", str(out / "capacity"),
+                "--results", str(out / "fit"), "--output", str(out / "model.json"))
         for rate in rates:
             loadgen("replay", str(out / f"live-{rate}"), "--step-model", str(out / "model.json"),
                     "--output", str(out / f"replay-{rate}"))

@@ -4,8 +4,10 @@ requests of a live run and set the simulation beside what was measured.
 From RUN_DIR/results.json: each request's send time, prompt and output lengths, and the server's
 settings the run recorded from /server_info (scheduler, balancer and their knobs, workers, KV
 blocks, block size, token budget, seats, context length, seed). The simulator (loadgen/simulate.py)
-runs those policies on the step model; the server path is added around it: a request reaches the
-balancer `request_s` after it was sent, and each token reaches the client `token_s` after its step.
+runs those policies on the step model, with the KV prefix cache on if the server had it on; the
+server path is added around it: a request reaches the balancer `request_s` after it was sent, its
+first token reaches the client `first_token_s` after its step, and its stream ends `token_s` after
+the step of its last token.
 
 OUT/results.json holds `summary` (the simulated run, loadgen's keys), `live` (the run's own
 summary), `relative_error` ((simulated - live) / live per numeric key, element-wise for per-worker
@@ -85,11 +87,12 @@ def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, cons
     schedule = [WorkloadRequest(q["input_tokens"], q["output_tokens"], arrival_s=q["start_s"] + model.request_s)
                 for q in rows]
     args = simulation_args(info, config, str(output))
-    sim = Simulation(args, schedule, model, info["num_kv_blocks"], info["max_model_len"])
+    sim = Simulation(args, schedule, model, info["num_kv_blocks"], info["max_model_len"],
+                     info.get("enable_prefix_caching", False))
     sim.run()
     for track, q in zip(sim.tracks, rows):
         track.start_s = q["start_s"]
-        track.times = [t + model.token_s for t in track.times]
+        track.times = [track.times[0] + model.first_token_s] + [t + model.token_s for t in track.times[1:]]
     records: list[RequestRecord] = sim.records()
     duration = benchmark_duration(records)
     summary = summarize(records, duration)
