@@ -3,11 +3,13 @@ requests of a live run and set the simulation beside what was measured.
 
 From RUN_DIR/results.json: each request's send time, prompt and output lengths, and the server's
 settings the run recorded from /server_info (scheduler, balancer and their knobs, workers, KV
-blocks, block size, token budget, seats, context length, seed). The simulator (loadgen/simulate.py)
+blocks, block size, token budget, seats, context length, output-length mode, seed), and what the
+client declared (each max_tokens, ignore_eos). The simulator (loadgen/simulate.py)
 runs those policies on the step model, with the KV prefix cache on if the server had it on; the
 server path is added around it: a request reaches the balancer `request_s` after it was sent, its
 first token reaches the client `first_token_s` after its step, and its stream ends `token_s` after
-the step of its last token.
+the step of its last token, each drawn per request from the spread the fit measured (and each
+step's time from its spread), with the server's seed.
 
 OUT/results.json holds `summary` (the simulated run, loadgen's keys), `live` (the run's own
 summary), `relative_error` ((simulated - live) / live per numeric key, element-wise for per-worker
@@ -20,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -44,7 +47,7 @@ def simulation_args(info: dict, live_config: dict, output: str) -> argparse.Name
         "--workload", "synthetic", "--output", output, "--scheduler", info["scheduler"],
         "--balancer", info["balancer"], "--workers", str(info["num_workers"]), "--block-size", str(info["block_size"]),
         "--max-num-seqs", str(info["max_num_seqs"]), "--max-num-batched-tokens", str(info["max_num_batched_tokens"]),
-        "--seed", str(info.get("seed", 0))])
+        "--seed", str(info.get("seed", 0)), "--output-length", info.get("output_length", "history")])
     for registry, policy, knobs in ((SCHEDULERS, info["scheduler"], info.get("scheduler_knobs", {})),
                                     (BALANCERS, info["balancer"], info.get("balancer_knobs", {}))):
         for name, value in knobs.items():
@@ -84,15 +87,22 @@ def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, cons
     if len(rows) < len(live["requests"]):
         console.print(f"[yellow]{len(live['requests']) - len(rows)} failed requests of the live run are left out")
     # Arrivals at the balancer: the send time plus the server path before the engine.
-    schedule = [WorkloadRequest(q["input_tokens"], q["output_tokens"], arrival_s=q["start_s"] + model.request_s)
+    rng = np.random.default_rng([info.get("seed", 0), 6])
+    schedule = [WorkloadRequest(q["input_tokens"], q["output_tokens"], arrival_s=q["start_s"] + model.draw("request", rng))
                 for q in rows]
     args = simulation_args(info, config, str(output))
     sim = Simulation(args, schedule, model, info["num_kv_blocks"], info["max_model_len"],
                      info.get("enable_prefix_caching", False))
+    # What the live client declared: each request's max_tokens, and whether it ignored EOS (then every
+    # policy that predicts output lengths knew them exactly).
+    sim.ignore_eos = config.get("ignore_eos", False)
+    for track, q in zip(sim.tracks, rows):
+        track.max_tokens = q.get("requested_output_tokens") or track.max_tokens
     sim.run()
     for track, q in zip(sim.tracks, rows):
         track.start_s = q["start_s"]
-        track.times = [track.times[0] + model.first_token_s] + [t + model.token_s for t in track.times[1:]]
+        first, last = model.draw("first_token", rng), model.draw("token", rng)
+        track.times = [track.times[0] + first] + [t + last for t in track.times[1:]]
     records: list[RequestRecord] = sim.records()
     duration = benchmark_duration(records)
     summary = summarize(records, duration)

@@ -109,6 +109,7 @@ class Simulation:
                  prefix_caching: bool = False):
         self.args, self.model = args, model
         self.delay_s = args.report_delay_ms / 1e3
+        self.rng = np.random.default_rng([args.seed, 5])  # step times drawn from the model's spread
         config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  max_model_len=max_model_len, eos_token_ids=frozenset({EOS_TOKEN}),
                                  output_length=args.output_length)
@@ -129,6 +130,7 @@ class Simulation:
                              r.output_tokens if args.output_length == "oracle" else limit)
                        for i, r in enumerate(schedule)]
         self.held: deque[Track] = deque()  # due, but --max-concurrency requests are in flight
+        self.ignore_eos = False  # requests end at EOS (the trace's length); replay sends what the live client did
         self.in_flight = 0
 
     # ---- events -----------------------------------------------------------------------------------
@@ -162,7 +164,7 @@ class Simulation:
         self.in_flight += 1
         track.start_s = now
         request = GenerateRequest(str(track.index), [track.index] * track.input_tokens,
-                                  SamplingParams(max_tokens=track.max_tokens), now,
+                                  SamplingParams(max_tokens=track.max_tokens, ignore_eos=self.ignore_eos), now,
                                   slo=SLO(tbt_ms=track.tbt_slo_ms))
         for load, worker in zip(self.loads, self.workers):
             self.deliver_reports(load, worker, now)
@@ -202,7 +204,7 @@ class Simulation:
             else:  # the trace's length reached: end of sequence
                 last = c.request.num_output_tokens + 1 >= c.request.payload.output_tokens
                 sampled.append(EOS_TOKEN if last else SAMPLED_TOKEN)
-        step_s = self.model.step_seconds(step_features(plan))
+        step_s = self.model.step_seconds(step_features(plan)) * self.model.draw("step", self.rng)
         if worker.index == 0:
             step_s *= self.args.slow_worker_factor
         worker.plan, worker.sampled, worker.step_s = plan, sampled, step_s

@@ -42,6 +42,7 @@ from scheduling.step_cost import StepFeatures
 STEP_TERMS = ("c0", "c2", "weights_s", "c3", "c1", "c4")  # the fitted columns, in the order fit() solves them
 OVERLAP_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
+SPREAD = np.linspace(0.0, 1.0, 101)  # the quantiles a fit records of each spread: every percentile
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,21 @@ class StepModel:
     request_s: float = 0.0  # server path per request: client send to an idle worker holding it
     first_token_s: float = 0.0  # server path of a first token: step end to the client's chunk
     token_s: float = 0.0  # server path of a last token: step end to the client's end of stream
+    # How the measured times spread around those means, as their quantiles at SPREAD: each step's
+    # measured over predicted time (scaled to mean 1), and each request's server path times. A
+    # queue waits on the spread as well as on the mean. Empty: every step and request costs the mean.
+    step_spread: tuple[float, ...] = ()
+    request_spread: tuple[float, ...] = ()
+    first_token_spread: tuple[float, ...] = ()
+    token_spread: tuple[float, ...] = ()
 
     def __post_init__(self):
-        values = dataclasses.astuple(self)
+        values = [v for v in dataclasses.astuple(self) if isinstance(v, float)]
+        values += [v for f in SPREADS for v in getattr(self, f)]
         if min(values) < 0 or not all(map(math.isfinite, values)) or self.overlap > 1:
             raise ValueError(f"step model coefficients must be finite and >= 0, overlap <= 1: {self}")
+        if any(len(getattr(self, f)) not in (0, len(SPREAD)) for f in SPREADS):
+            raise ValueError(f"a spread has {len(SPREAD)} quantiles (or none)")
         if self.c0 + self.c1 + self.weights_s <= 0:
             raise ValueError(f"step model gives steps no time: {self}")
 
@@ -69,6 +80,14 @@ class StepModel:
         memory = self.weights_s + self.c3 * f.kv_tokens_read
         compute = self.c1 * f.batched_tokens + self.c4 * f.attention_pairs
         return self.c0 + self.c2 * f.num_seqs + memory + compute - self.overlap * min(memory, compute)
+
+    def draw(self, term: str, rng: np.random.Generator) -> float:
+        """One sample of `term` ("step": the factor on a step's time; "request", "first_token",
+        "token": a server path time) from its spread; without one, its mean."""
+        spread = getattr(self, f"{term}_spread")
+        if not spread:
+            return 1.0 if term == "step" else getattr(self, f"{term}_s")
+        return float(np.interp(rng.random(), SPREAD, spread))
 
     @classmethod
     def load(cls, path: str | Path) -> StepModel:
@@ -78,10 +97,17 @@ class StepModel:
         if not isinstance(coef, dict) or not {"c0", "c1", "c2", "c3"} <= coef.keys():
             raise ValueError(f"{path}: expected a JSON object with c0, c1, c2, c3 (and optionally "
                              f"{', '.join(names[4:])})")
-        return cls(**{k: float(coef[k]) for k in names if k in coef})
+        return cls(**{k: tuple(map(float, coef[k])) if k in SPREADS else float(coef[k]) for k in names if k in coef})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SPREADS = tuple(f.name for f in dataclasses.fields(StepModel) if f.name.endswith("_spread"))
+
+
+def spread_of(samples) -> tuple[float, ...]:
+    return tuple(float(q) for q in np.quantile(np.asarray(samples, dtype=np.float64), SPREAD))
 
 
 # ---- presets ----------------------------------------------------------------------------------------
@@ -285,8 +311,11 @@ def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel
     gaps = loop_gaps(rows)
     loop_s, loop_se = _mean_se(gaps) if gaps.size else (0.0, None)
     model = _model(coef, best_overlap, loop_s=loop_s)
-    # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
     pred = _predict(model, x)
+    factor = np.asarray(spread_of(y / np.maximum(pred, 1e-9)))
+    mean = float(np.mean(factor[1:] + factor[:-1]) / 2)  # what drawing from the quantiles averages
+    model = dataclasses.replace(model, step_spread=tuple(map(float, factor / mean)))
+    # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
     memory = model.weights_s + model.c3 * x[:, 2]
     a = _design(x, best_overlap, memory >= model.c1 * x[:, 0] + model.c4 * x[:, 3])
     free = [j for j in range(6) if coef[j] > 0]
@@ -362,7 +391,11 @@ def server_path(rows: list[dict], runs: list[dict]) -> dict:
     (h, h_se), (f, f_se), (t, t_se) = _mean_se(http), _mean_se(first_token), _mean_se(last_token)
     d, d_se = _mean_se(dispatch) if dispatch else (0.0, None)
     se = None if h_se is None or d_se is None else math.hypot(h_se, d_se)
+    # A request's own path: its HTTP part plus a dispatch drawn from the idle arrivals.
+    request = np.asarray(http) + (np.random.default_rng(0).choice(dispatch, len(http)) if dispatch else 0.0)
+    clip = lambda v: spread_of(np.maximum(v, 0.0))  # noqa: E731 - clocks of two processes: never below 0
     return {"request_s": max(h + d, 0.0), "first_token_s": max(f, 0.0), "token_s": max(t, 0.0),
+            "request_spread": clip(request), "first_token_spread": clip(first_token), "token_spread": clip(last_token),
             "paired_requests": len(http),
             "standard_errors": {"request_s": se, "first_token_s": f_se, "token_s": t_se}}
 
@@ -384,8 +417,9 @@ def fit(step_log: str | Path, results_dirs: list[str | Path] = (), overlap: floa
     model, quality = fit_steps(rows, overlap)
     if runs:
         path = server_path(rows, runs)
-        model = dataclasses.replace(model, request_s=path["request_s"], first_token_s=path["first_token_s"],
-                                    token_s=path["token_s"])
+        model = dataclasses.replace(model, **{k: path[k] for k in ("request_s", "first_token_s", "token_s",
+                                                                   "request_spread", "first_token_spread",
+                                                                   "token_spread")})
         quality["standard_errors"] |= path["standard_errors"]
         quality["paired_requests"] = path["paired_requests"]
     return model, quality
@@ -421,6 +455,8 @@ def print_fit(model: StepModel, quality: dict) -> None:
     table.add_column("Value", justify="right")
     table.add_column("Std. error", justify="right")
     for name, value in model.as_dict().items():
+        if name in SPREADS:
+            continue
         se = quality["standard_errors"].get(name)
         if name == "overlap":
             note = ""
@@ -435,5 +471,10 @@ def print_fit(model: StepModel, quality: dict) -> None:
     console.print(f"held-out steps ({h['steps']}): mean |error| {h['mean_abs_rel_error']:.1%} per step, "
                   f"total time {h['total_time_rel_error']:+.1%}; all steps: {t['mean_abs_rel_error']:.1%}, "
                   f"{t['total_time_rel_error']:+.1%}")
+    for name in SPREADS:
+        if spread := getattr(model, name):
+            unit, scale = ("x mean", 1) if name == "step_spread" else ("ms", 1e3)
+            console.print(f"{name}: p10 {spread[10] * scale:.3g}, p50 {spread[50] * scale:.3g}, "
+                          f"p90 {spread[90] * scale:.3g}, p99 {spread[99] * scale:.3g} {unit}")
     if "paired_requests" in quality:
         console.print(f"server path from {quality['paired_requests']} paired requests")

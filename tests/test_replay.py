@@ -1,16 +1,17 @@
 """The simulator against the real server: a step log from a live run, a step model fitted on it, and
 a different live run replayed through the simulator, reporting live against simulated.
 
-Issue 15 asks for the replay to come within 10% of the live run on mean TTFT, mean E2E and output
-throughput. It does not yet on this CPU (output throughput within 1%, mean E2E 2-12%, mean TTFT 16-44%
-off on a quiet 2-core machine), so this test pins what the replay reports and how, not its accuracy;
-`benchmarks/replay_accuracy.py` measures that (BENCHMARKS.md, "Simulator against the live server").
+Issue 15's acceptance: the replay comes within 10% of the live run on mean TTFT, mean E2E and
+output throughput. Larger runs, other policies and the p99s: `benchmarks/replay_accuracy.py`
+(BENCHMARKS.md, "Simulator against the live server").
 
 Live: `python -m server --workers 2 --balancer sal --step-log DIR` on the demo model, driven by
 `python -m loadgen` with Azure conversation requests (prompt + output clamped to 256 tokens so that
-200 of them fit in about a minute on 2 cores): a fit run with 16 requests in flight, then the
-measured run at 80% of the rate the fit run sustained. `simulate fit` on the first run, `loadgen
-replay` of the second.
+200 of them fit in about a minute on 2 cores): a capacity run with 16 requests in flight, a fit run
+of Poisson arrivals at 90% of the rate it sustained, then the measured run at 80% (another seed).
+`simulate fit` on the first two runs, `loadgen replay` of the third. The timings are the machine's:
+a machine whose other work slows the server's steps between the fit and the measured run fails
+this test, as it should (the model was fitted to other steps than those replayed).
 """
 
 import json
@@ -42,12 +43,14 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replay")
     server = ServerProcess("--workers", "2", "--balancer", "sal", "--step-log", str(tmp / "steps"))
     try:
-        # The fit run keeps 16 requests in flight: steps of every batch size up to there, and the
-        # machine's capacity. The measured run's Poisson arrivals then come at 80% of it, whatever the
-        # speed of the machine: busy enough that requests queue behind steps and bursts, yet stable.
-        fit_run = live_run(server, tmp / "fit", 1, 100, "--rate", "inf", "--max-concurrency", "16")
-        rate = 0.8 * fit_run["summary"]["request_throughput"]
-        measured = live_run(server, tmp / "measured", 0, 200, "--rate", f"{rate:.3f}")
+        # The capacity run keeps 16 requests in flight: the machine's capacity, and steps of large
+        # batches. The fit run's Poisson arrivals at 90% of it meet the server path as the measured
+        # run's do, and make steps of every batch size below. The measured run's come at 80%, whatever
+        # the speed of the machine: busy enough that requests queue behind steps and bursts, yet stable.
+        capacity = live_run(server, tmp / "capacity", 2, 100, "--rate", "inf", "--max-concurrency", "16")
+        rate = capacity["summary"]["request_throughput"]
+        fit_run = live_run(server, tmp / "fit", 1, 100, "--rate", f"{0.9 * rate:.3f}")
+        measured = live_run(server, tmp / "measured", 0, 200, "--rate", f"{0.8 * rate:.3f}")
     finally:
         assert server.stop() == 0, server.output()
     return tmp, fit_run, measured
@@ -65,21 +68,21 @@ def test_step_log_counts_what_each_step_ran(runs):
         assert r["prefill_tokens"] + r["decode_seqs"] <= r["batched_tokens"]
         assert 0 < r["execute_s"] <= r["seconds"]
     arrived = {a[0] for r in lines for a in r["arrived"]}
-    assert len(arrived) == 300  # every request of both runs, each once
+    assert len(arrived) == 400  # every request of the three runs, each once
     # The run recorded the server's settings from /server_info.
     info = fit_run["config"]["server_info"]
     assert (info["balancer"], info["num_workers"], info["scheduler"]) == ("sal", 2, "fcfs")
     assert info["num_kv_blocks"] > 0 and info["max_num_batched_tokens"] == 512
 
 
-def test_replay_of_a_live_run_reports_live_against_simulated(runs):
+def test_replay_of_a_live_run_predicts_it(runs):
     tmp, _, measured = runs
     model = tmp / "model.json"
-    printed = loadgen("simulate", "fit", "--step-log", str(tmp / "steps"), "--results", str(tmp / "fit"),
-                      "--output", str(model))
+    printed = loadgen("simulate", "fit", "--step-log", str(tmp / "steps"), "--results", str(tmp / "capacity"),
+                      "--results", str(tmp / "fit"), "--output", str(model))
     assert "held-out steps" in printed and "Std. error" in printed
     fitted = json.loads(model.read_text())
-    assert fitted["fit"]["paired_requests"] == 100  # fitted on the first run's steps and requests only
+    assert fitted["fit"]["paired_requests"] == 200  # fitted on the first two runs' steps and requests only
     printed = loadgen("replay", str(tmp / "measured"), "--step-model", str(model), "--output", str(tmp / "replay"))
     assert "Simulated" in printed
     out = json.loads((tmp / "replay" / "results.json").read_text())
@@ -88,3 +91,5 @@ def test_replay_of_a_live_run_reports_live_against_simulated(runs):
     for key in ("mean_ttft_ms", "mean_e2el_ms", "output_throughput", "p99_ttft_ms", "mean_tpot_ms"):
         live, simulated = out["live"][key], out["summary"][key]
         assert simulated > 0 and out["relative_error"][key] == pytest.approx((simulated - live) / live), key
+    errors = {key: round(out["relative_error"][key], 3) for key in ("mean_ttft_ms", "mean_e2el_ms", "output_throughput")}
+    assert all(abs(e) <= 0.10 for e in errors.values()), f"replay off by more than 10%: {errors}\n{printed}"
