@@ -13,7 +13,9 @@ step's time from its spread), with the server's seed.
 
 OUT/results.json holds `summary` (the simulated run, loadgen's keys), `live` (the run's own
 summary), `relative_error` ((simulated - live) / live per numeric key, element-wise for per-worker
-lists) and the replayed requests; the console shows both side by side.
+lists), `live_steps` (if the server logged its steps: how the live run's own steps compare with the
+step model, which tells a machine that changed speed since the fit from an error of the simulation)
+and the replayed requests; the console shows both side by side.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from balancer import BALANCERS
 from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries, summarize
 from loadgen.report import load_results, plot_run, write_results
 from loadgen.simulate import Simulation, SimulationError, build_parser
-from loadgen.step_model import StepModel
+from loadgen.step_model import StepModel, read_step_logs, step_targets
 from loadgen.workload import WorkloadRequest
 from scheduling import SCHEDULERS
+from scheduling.step_cost import StepFeatures
 
 TABLE = [("Mean TTFT (ms)", "mean_ttft_ms"), ("Median TTFT (ms)", "median_ttft_ms"), ("P99 TTFT (ms)", "p99_ttft_ms"),
          ("Mean TPOT (ms)", "mean_tpot_ms"), ("Median TPOT (ms)", "median_tpot_ms"), ("P99 TPOT (ms)", "p99_tpot_ms"),
@@ -88,8 +91,8 @@ def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, cons
         console.print(f"[yellow]{len(live['requests']) - len(rows)} failed requests of the live run are left out")
     # Arrivals at the balancer: the send time plus the server path before the engine.
     rng = np.random.default_rng([info.get("seed", 0), 6])
-    schedule = [WorkloadRequest(q["input_tokens"], q["output_tokens"], arrival_s=q["start_s"] + model.draw("request", rng))
-                for q in rows]
+    schedule = [WorkloadRequest(q["input_tokens"], q["output_tokens"],
+                                arrival_s=q["start_s"] + model.draw("request", rng)) for q in rows]
     args = simulation_args(info, config, str(output))
     sim = Simulation(args, schedule, model, info["num_kv_blocks"], info["max_model_len"],
                      info.get("enable_prefix_caching", False))
@@ -117,12 +120,36 @@ def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, cons
     timeseries = client_timeseries(records, duration)
     rows = [r.as_dict() | {"worker": t.worker} for r, t in zip(records, sim.tracks)]
     comparison = {"live": live_summary, "relative_error": errors}
+    steps = live_step_error(info, config, live["summary"], model)
+    if steps is not None:
+        comparison["live_steps"] = steps
     write_results(output, summary, rows, sim_config, timeseries, server, comparison)
     results = {"summary": summary, "requests": rows, "config": sim_config, "timeseries": timeseries,
                "server": server, **comparison}
     plot_run(output, results)
     console.print(comparison_table(summary, live_summary, errors, run_dir))
+    if steps is not None:
+        console.print(f"The live run's own {steps['steps']} steps took {steps['total_time_rel_error']:+.1%} "
+                      f"against the step model's time for them (mean |error| per step "
+                      f"{steps['mean_abs_rel_error']:.1%}); a machine that changed speed since the fit shows here")
     return results
+
+
+def live_step_error(info: dict, config: dict, summary: dict, model: StepModel) -> dict | None:
+    """If the server logged its steps (--step-log), how the live run's own steps compare with the step
+    model: (measured - predicted) / predicted in total and per step. A machine that slowed down or
+    sped up since the fit shows here, apart from any error of the simulation itself."""
+    directory, t0 = info.get("step_log"), config.get("t0_monotonic")
+    if not directory or t0 is None or not Path(directory).is_dir():
+        return None
+    end = t0 + summary["duration"] + 1.0
+    rows = [r for r in read_step_logs(directory) if t0 - 1.0 <= r.get("start", -1.0) <= end]
+    if not rows:
+        return None
+    x, measured = step_targets(rows)
+    predicted = np.array([model.step_seconds(StepFeatures(int(t), int(s), 0, 0, int(k), int(p))) for t, s, k, p in x])
+    return {"steps": len(rows), "total_time_rel_error": float(measured.sum() / predicted.sum() - 1),
+            "mean_abs_rel_error": float(np.mean(np.abs(measured / predicted - 1)))}
 
 
 def _fmt(v) -> str:

@@ -21,8 +21,27 @@ import sys
 
 import pytest
 
+from loadgen.simulate import Simulation, build_parser
+from loadgen.step_model import StepModel, fit_steps
+from loadgen.workload import WorkloadRequest
 from scheduling.step_cost import StepFeatures
 from server_utils import CONV_TRACE, ROOT, ServerProcess
+
+
+def test_the_worker_loop_between_steps_is_fitted_and_simulated():
+    # Steps of 10 ms; while work remains the loop takes 4 or 6 ms before the next step, after an
+    # idle gap nothing is the loop's.
+    rows = [{"worker": 0, "start": i * 0.1, "seconds": 0.010 * (1 + i % 3), "batched_tokens": 1 + i % 3 + 7 * (i % 2),
+             "num_seqs": 1 + i % 3, "kv_tokens_read": 50 * (1 + i % 5), "gap_s": (0.004, 0.006, 1.0)[i % 3],
+             "busy_before": i % 3 != 2} for i in range(60)]
+    model, quality = fit_steps(rows)
+    assert model.loop_s == pytest.approx(0.005) and quality["standard_errors"]["loop_s"] > 0
+    # One request of 3 output tokens on one worker: prefill, loop, decode, loop, decode.
+    model = StepModel(c0=0.010, c1=0.0, c2=0.0, c3=0.0, loop_s=0.005)
+    args = build_parser().parse_args(["--workload", "synthetic", "--output", "unused", "--output-length", "oracle"])
+    sim = Simulation(args, [WorkloadRequest(10, 3, arrival_s=1.0)], model, 64, 256)
+    sim.run()
+    assert sim.tracks[0].times == pytest.approx([1.010, 1.025, 1.040])
 
 
 def loadgen(*argv: str) -> str:
@@ -91,5 +110,6 @@ def test_replay_of_a_live_run_predicts_it(runs):
     for key in ("mean_ttft_ms", "mean_e2el_ms", "output_throughput", "p99_ttft_ms", "mean_tpot_ms"):
         live, simulated = out["live"][key], out["summary"][key]
         assert simulated > 0 and out["relative_error"][key] == pytest.approx((simulated - live) / live), key
+    assert out["live_steps"]["steps"] > 1000  # the measured run's own steps against the model, to tell drift
     errors = {key: round(out["relative_error"][key], 3) for key in ("mean_ttft_ms", "mean_e2el_ms", "output_throughput")}
     assert all(abs(e) <= 0.10 for e in errors.values()), f"replay off by more than 10%: {errors}\n{printed}"
