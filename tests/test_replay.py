@@ -111,5 +111,5 @@ def test_replay_of_a_live_run_predicts_it(runs):
         live, simulated = out["live"][key], out["summary"][key]
         assert simulated > 0 and out["relative_error"][key] == pytest.approx((simulated - live) / live), key
     assert out["live_steps"]["steps"] > 1000  # the measured run's own steps against the model, to tell drift
-    errors = {key: round(out["relative_error"][key], 3) for key in ("mean_ttft_ms", "mean_e2el_ms", "output_throughput")}
+    errors = {k: round(out["relative_error"][k], 3) for k in ("mean_ttft_ms", "mean_e2el_ms", "output_throughput")}
     assert all(abs(e) <= 0.10 for e in errors.values()), f"replay off by more than 10%: {errors}\n{printed}"
