@@ -150,7 +150,9 @@ def cpu_demo() -> tuple[StepModel, int, int]:
     the 200 requests of the rate-3 run. The machine was shared with four other helpers' builds and
     tests (load average 4 to 9 on 2 cores), so the steps were slowed and noisy: the fit's error on
     held-out steps is large per step (mean |error| 94%) while their total time is within 3%.
-    Refit on a quiet machine before trusting absolute figures.
+    Refit on a quiet machine before trusting absolute figures. Fitted before the worker loop
+    (loop_s) and the first token's path (first_token_s) were terms of their own: its token_s is the
+    mean of a first and a last token's path, and its steps include the loop.
     """
     model = StepModel(c0=0.0, c1=3.717e-4, c2=3.604e-3, c3=1.621e-6, c4=4.846e-7, weights_s=1.245e-3, overlap=1.0,
                       request_s=3.33e-3, token_s=1.594e-2)
