@@ -9,16 +9,17 @@ tokens read, P query-key pairs):
 
 `overlap` 1 is the roofline's max(memory, compute) (a GPU streams weights while it multiplies), 0
 their sum (a CPU mostly does one then the other); the fit chooses it. c0 is the per-step fixed cost
-(launches, scheduling, the worker loop between steps), c2 the per-sequence cost. The design's linear
+(launches, scheduling, sampling), c2 the per-sequence cost. The design's linear
 model `StepModel(c0, c1, c2, c3)` is the special case weights_s = c4 = overlap = 0.
 
-Three more terms are the process around the step, which the simulator and `loadgen replay` apply:
+Four more terms are the process around the step, which the simulator and `loadgen replay` apply:
 `loop_s`, the worker loop's own time between two steps while work remains (sending the outputs
 and the load report, taking in new requests); `request_s`, from the client's send until an idle
 worker holds the request (HTTP, validation, tokenization, the server's queue, the balancer); and
 `first_token_s` / `token_s`, from the end of the step that made a request's first / last token to
 the client reading it (queues, detokenization, SSE; the first chunk also starts the response, and
-the last one ends the stream). All are means over the server's own timestamps.
+the last one ends the stream). The fit takes each from the server's own timestamps: its mean, and
+its spread (percentiles), which the replay draws from per request, as it draws each step's time.
 
 `simulate fit --step-log DIR --results RUN_DIR [--results RUN_DIR ...] --output MODEL.json` fits
 the step terms by least squares on the workers' step logs (engine/step_log.py) of those runs and
@@ -97,7 +98,8 @@ class StepModel:
         if not isinstance(coef, dict) or not {"c0", "c1", "c2", "c3"} <= coef.keys():
             raise ValueError(f"{path}: expected a JSON object with c0, c1, c2, c3 (and optionally "
                              f"{', '.join(names[4:])})")
-        return cls(**{k: tuple(map(float, coef[k])) if k in SPREADS else float(coef[k]) for k in names if k in coef})
+        return cls(**{k: tuple(map(float, coef[k])) if k in SPREADS else float(coef[k])
+                      for k in names if k in coef})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
