@@ -10,7 +10,8 @@ The same CPU setup as tests/test_replay.py (demo model, 2 workers, SAL, Azure co
 clamped to --max-model-len tokens), larger: the capacity run keeps 16 requests in flight (the
 machine's capacity, and steps of large batches); the fit run sends Poisson arrivals at --fit-load
 of that capacity (another seed: the server path as Poisson arrivals meet it, and steps of every
-batch size below); each measured run sends Poisson arrivals at a fraction (--loads) of it.
+batch size below; with the capacity run it brackets the measured rates); each measured run sends
+Poisson arrivals at a fraction (--loads) of capacity.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ def live(server: ServerProcess, out: Path, args, seed: int, num_requests: int, *
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schedulers", default="fcfs")
-    p.add_argument("--loads", default="0.8", help="measured runs' rates, as fractions of the fit run's throughput")
+    p.add_argument("--loads", default="0.8", help="measured runs' rates, as fractions of the capacity run's throughput")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--fit-requests", type=int, default=100, help="requests of the capacity run and of the fit run")
-    p.add_argument("--fit-load", type=float, default=0.9, help="the fit run's rate, as a fraction of capacity")
+    p.add_argument("--fit-load", type=float, default=0.6, help="the fit run's rate, as a fraction of capacity")
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--workload", default=str(CONV_TRACE))
     p.add_argument("--output", type=Path, required=True)
