@@ -66,8 +66,8 @@ def runs(tmp_path_factory):
         # batches. The fit run's Poisson arrivals at 60% of it meet the server path as the measured
         # run's do, and make steps of the smaller batch sizes: the two runs bracket the measured one,
         # whose arrivals come at 80%, whatever the speed of the machine: busy enough that requests
-        # queue behind steps and bursts, yet stable. (On 2 cores the server's own work at a higher
-        # rate slows the steps too: the fit sees both sides of the measured run's rate.)
+        # queue behind steps and bursts, yet stable. (On 2 cores the server's own work competes with
+        # the workers' steps, more at a higher rate: a fit on both sides interpolates.)
         capacity = live_run(server, tmp / "capacity", 2, 100, "--rate", "inf", "--max-concurrency", "16")
         rate = capacity["summary"]["request_throughput"]
         fit_run = live_run(server, tmp / "fit", 1, 100, "--rate", f"{0.6 * rate:.3f}")
