@@ -74,7 +74,7 @@ class StepModel:
             raise ValueError(f"step model coefficients must be finite and >= 0, overlap <= 1: {self}")
         if any(len(getattr(self, f)) not in (0, len(SPREAD)) for f in SPREADS):
             raise ValueError(f"a spread has {len(SPREAD)} quantiles (or none)")
-        if self.c0 + self.c1 + self.weights_s <= 0:
+        if self.c0 + self.c1 + self.c2 + self.weights_s <= 0:  # every step has a sequence and a token
             raise ValueError(f"step model gives steps no time: {self}")
 
     def step_seconds(self, f: StepFeatures) -> float:
