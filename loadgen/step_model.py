@@ -23,7 +23,7 @@ its spread (percentiles), which the replay draws from per request, as it draws e
 
 `simulate fit --step-log DIR --results RUN_DIR [--results RUN_DIR ...] --output MODEL.json` fits
 the step terms by least squares on the workers' step logs (engine/step_log.py) of those runs and
-the server's terms on the runs' own timestamps, prints each coefficient with its standard error and
+the server's terms on the runs' own timestamps (the open-loop runs', if any), prints each coefficient with its standard error and
 the relative error on held-out steps (every fifth), and writes the file `--step-model` reads.
 """
 
@@ -43,7 +43,10 @@ from scheduling.step_cost import StepFeatures
 STEP_TERMS = ("c0", "c2", "weights_s", "c3", "c1", "c4")  # the fitted columns, in the order fit() solves them
 OVERLAP_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
-SPREAD = np.linspace(0.0, 1.0, 101)  # the quantiles a fit records of each spread: every percentile
+# The quantiles a fit records of each spread: the middle of each percentile, so that one stall in a
+# log (the slowest step of thousands) stands for the top half percent, not for the whole top percent.
+# Drawing from them (flat beyond the ends) averages exactly their mean.
+SPREAD = (np.arange(100) + 0.5) / 100
 
 
 @dataclass(frozen=True)
@@ -317,8 +320,7 @@ def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel
     model = _model(coef, best_overlap, loop_s=loop_s)
     pred = _predict(model, x)
     factor = np.asarray(spread_of(y / np.maximum(pred, 1e-9)))
-    mean = float(np.mean(factor[1:] + factor[:-1]) / 2)  # what drawing from the quantiles averages
-    model = dataclasses.replace(model, step_spread=tuple(map(float, factor / mean)))
+    model = dataclasses.replace(model, step_spread=tuple(map(float, factor / factor.mean())))
     # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
     memory = model.weights_s + model.c3 * x[:, 2]
     a = _design(x, best_overlap, memory >= model.c1 * x[:, 0] + model.c4 * x[:, 3])
@@ -420,7 +422,10 @@ def fit(step_log: str | Path, results_dirs: list[str | Path] = (), overlap: floa
         rows = [r for r in rows if "start" not in r or any(a <= r["start"] <= b for a, b in windows)]
     model, quality = fit_steps(rows, overlap)
     if runs:
-        path = server_path(rows, runs)
+        # The server path from open-loop runs where there are any: a closed loop (--max-concurrency)
+        # sends each request as another ends, when the server is busiest (its HTTP part took twice as
+        # long as in a Poisson run of the same server, BENCHMARKS.md).
+        path = server_path(rows, [r for r in runs if not r["config"].get("max_concurrency")] or runs)
         model = dataclasses.replace(model, **{k: path[k] for k in ("request_s", "first_token_s", "token_s",
                                                                    "request_spread", "first_token_spread",
                                                                    "token_spread")})
@@ -479,6 +484,6 @@ def print_fit(model: StepModel, quality: dict) -> None:
         if spread := getattr(model, name):
             unit, scale = ("x mean", 1) if name == "step_spread" else ("ms", 1e3)
             console.print(f"{name}: p10 {spread[10] * scale:.3g}, p50 {spread[50] * scale:.3g}, "
-                          f"p90 {spread[90] * scale:.3g}, p99 {spread[99] * scale:.3g} {unit}")
+                          f"p90 {spread[90] * scale:.3g}, p99.5 {spread[99] * scale:.3g} {unit}")
     if "paired_requests" in quality:
         console.print(f"server path from {quality['paired_requests']} paired requests")

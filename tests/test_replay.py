@@ -103,7 +103,8 @@ def test_replay_of_a_live_run_predicts_it(runs):
                       "--results", str(tmp / "fit"), "--output", str(model))
     assert "held-out steps" in printed and "Std. error" in printed
     fitted = json.loads(model.read_text())
-    assert fitted["fit"]["paired_requests"] == 200  # fitted on the first two runs' steps and requests only
+    # Steps of the first two runs only; the server path of the open-loop one (the capacity run is closed).
+    assert fitted["fit"]["paired_requests"] == 100
     printed = loadgen("replay", str(tmp / "measured"), "--step-model", str(model), "--output", str(tmp / "replay"))
     assert "Simulated" in printed
     out = json.loads((tmp / "replay" / "results.json").read_text())
