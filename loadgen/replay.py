@@ -6,7 +6,7 @@ settings the run recorded from /server_info (scheduler, balancer and their knobs
 blocks, block size, token budget, seats, context length, output-length mode, seed), and what the
 client declared (each max_tokens, ignore_eos). The simulator (loadgen/simulate.py)
 runs those policies on the step model, with the KV prefix cache on if the server had it on; the
-server path is added around it: a request reaches the balancer `request_s` after it was sent, its
+server path is added around it: a request reaches its worker `request_s` after it was sent, its
 first token reaches the client `first_token_s` after its step, and its stream ends `token_s` after
 the step of its last token, each drawn per request from the spread the fit measured (and each
 step's time from its spread), with the server's seed.
@@ -89,7 +89,7 @@ def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, cons
     rows = [q for q in live["requests"] if q["success"]]
     if len(rows) < len(live["requests"]):
         console.print(f"[yellow]{len(live['requests']) - len(rows)} failed requests of the live run are left out")
-    # Arrivals at the balancer: the send time plus the server path before the engine.
+    # Arrivals at the balancer (and at once the worker): the send time plus the server path before the engine.
     rng = np.random.default_rng([info.get("seed", 0), 6])
     schedule = [WorkloadRequest(q["input_tokens"], q["output_tokens"],
                                 arrival_s=q["start_s"] + model.draw("request", rng)) for q in rows]
