@@ -103,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data_parallel_backend == "mp" and args.data_parallel_size_local is not None:
         p.error("--data-parallel-size-local needs --data-parallel-backend ray (with mp every worker is local)")
     if args.data_parallel_backend == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            p.error("--data-parallel-backend ray needs Ray: pip install -e '.[ray]'")
         workers, local = args.workers or 1, args.data_parallel_size_local or 0
         if not 0 <= local <= workers:
             p.error(f"--data-parallel-size-local must be between 0 and --workers ({workers})")
