@@ -2,6 +2,7 @@
 with the torch profiler: where the step's time goes, and how many ops one decoder layer dispatches.
 
     python benchmarks/profile_step.py [--model DIR | --random-llama-100m] [--batch 64] [--threads 1]
+        [--no-cpu-prepack-weights] [--attention-backend torch]
 
 The op count per layer is deterministic (it does not depend on the machine's load); the times are only
 meaningful on an otherwise idle machine. Ops are counted as the profiler sees them dispatched from
@@ -37,7 +38,7 @@ def launches_kernel(e) -> bool:
 
 # Where a top-level op's time is counted.
 CATEGORIES = (("matmul", ("addmm", "mm", "linear", "matmul", "bmm", "baddbmm")),
-              ("attention", ("scaled_dot_product", "flash_attention", "softmax")),
+              ("attention", ("scaled_dot_product", "flash_attention", "paged_attention", "softmax")),
               ("kv store / gather", ("index_select", "index_copy", "gather", "index_put")),
               ("compiled regions", ("torch-compiled", "compiledfunction", "inductor")))
 
@@ -79,18 +80,22 @@ def profile(llm, label: str, layer_label: str):
     names = collections.Counter(e.name for e in top)
     stage_ms = {s: sum(e.cpu_time_total for e in events if e.name == s) / 1000 for _, s in STAGES}
     # Categories over every op dispatched inside the forward (not nested in another op).
-    fwd_ops = [e for e in events if e.cpu_parent is not None and e.cpu_parent.name in (layer_label, "forward")]
-    cat_ms = collections.Counter()
+    # The profiled layer's own range is not an op: its ops are counted under it.
+    fwd_ops = [e for e in events if e.cpu_parent is not None and e.cpu_parent.name in (layer_label, "forward")
+               and e.name != layer_label]
+    cat_ms, op_ms = collections.Counter(), collections.Counter()
     for e in fwd_ops:
         lname = e.name.lower()
         cat = next((c for c, keys in CATEGORIES if any(k in lname for k in keys)), "other ops in the forward")
         cat_ms[cat] += e.cpu_time_total / 1000
+        op_ms[e.name] += e.cpu_time_total / 1000
     print(f"\n== {label}: wall {1000 * wall:.1f} ms (under the profiler)")
     print(f"ops per decoder layer: {per_layer_kernels:.0f} that compute (not views), {per_layer_top:.0f} "
           f"top-level, {per_layer_all:.0f} in all")
     print("  " + ", ".join(f"{n} x{c}" for n, c in names.most_common()))
     print("stages (ms): " + ", ".join(f"{s} {ms:.1f}" for s, ms in stage_ms.items()))
     print("forward by kind (ms): " + ", ".join(f"{c} {ms:.1f}" for c, ms in cat_ms.most_common()))
+    print("forward by op (ms): " + ", ".join(f"{n} {ms:.1f}" for n, ms in op_ms.most_common(12)))
     return per_layer_kernels, per_layer_top, per_layer_all
 
 
@@ -102,7 +107,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="sequences decoding in the profiled steps")
     p.add_argument("--input-len", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cpu-prepack-weights", action="store_true")
+    p.add_argument("--cpu-prepack-weights", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--attention-backend", default="auto", help="torch: the reference that gathers K/V")
     p.add_argument("--trace", default=None, help="write the decode step's chrome trace here")
     args = p.parse_args()
 
@@ -113,7 +119,8 @@ def main() -> None:
     if args.random_llama_100m:
         from benchmarks.random_model import ensure_random_model
         model, load_format = str(ensure_random_model()), "dummy"
-    llm = LLM(model, dtype="float32", load_format=load_format, cpu_prepack_weights=args.cpu_prepack_weights)
+    llm = LLM(model, dtype="float32", load_format=load_format, cpu_prepack_weights=args.cpu_prepack_weights,
+              attention_backend=args.attention_backend)
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)

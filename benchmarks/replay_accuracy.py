@@ -1,13 +1,17 @@
 """How well the simulator predicts the live server: for each scheduler, one live server with a step
-log, a fit run, then live runs at several rates, each replayed through the simulator on the fitted
-step model; prints and writes the relative error of each figure.
+log, a capacity run and a fit run, then live runs at several rates, each replayed through the
+simulator on the step model fitted on the first two; prints and writes the relative error of each
+figure.
 
     python benchmarks/replay_accuracy.py --schedulers fcfs,larry,slai,sarathi --loads 0.5,0.7,0.9 \
         --num-requests 400 --output out/replay-accuracy
 
 The same CPU setup as tests/test_replay.py (demo model, 2 workers, SAL, Azure conversation requests
-clamped to --max-model-len tokens), larger: the fit run keeps 16 requests in flight; each measured
-run sends Poisson arrivals at a fraction (--loads) of the rate the fit run sustained.
+clamped to --max-model-len tokens), larger: the capacity run keeps 16 requests in flight (the
+machine's capacity, and steps of large batches); the fit run sends Poisson arrivals at --fit-load
+of that capacity (another seed: the server path as Poisson arrivals meet it, and steps of every
+batch size below; with the capacity run it brackets the measured rates); each measured run sends
+Poisson arrivals at a fraction (--loads) of capacity.
 """
 
 from __future__ import annotations
@@ -40,13 +44,15 @@ def live(server: ServerProcess, out: Path, args, seed: int, num_requests: int, *
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schedulers", default="fcfs")
-    p.add_argument("--loads", default="0.8", help="measured runs' rates, as fractions of the fit run's throughput")
+    p.add_argument("--loads", default="0.8", help="measured runs' rates, as fractions of the capacity run's throughput")
     p.add_argument("--num-requests", type=int, default=200)
-    p.add_argument("--fit-requests", type=int, default=100)
+    p.add_argument("--fit-requests", type=int, default=100, help="requests of the capacity run and of the fit run")
+    p.add_argument("--fit-load", type=float, default=0.6, help="the fit run's rate, as a fraction of capacity")
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--workload", default=str(CONV_TRACE))
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args()
+    args.output = args.output.resolve()  # the server and loadgen run from the repository root
     table = {}
     for scheduler in args.schedulers.split(","):
         out = args.output / scheduler
@@ -54,30 +60,34 @@ def main() -> None:
                                "--step-log", str(out / "steps"))
         rates = []
         try:
-            live(server, out / "fit", args, 1, args.fit_requests, "--rate", "inf", "--max-concurrency", "16")
-            capacity = json.loads((out / "fit" / "results.json").read_text())["summary"]["request_throughput"]
+            live(server, out / "capacity", args, 2, args.fit_requests, "--rate", "inf", "--max-concurrency", "16")
+            capacity = json.loads((out / "capacity" / "results.json").read_text())["summary"]["request_throughput"]
+            live(server, out / "fit", args, 1, args.fit_requests, "--rate", f"{args.fit_load * capacity:.3f}")
             for load in args.loads.split(","):
                 rates.append(f"{float(load) * capacity:.3f}")
                 live(server, out / f"live-{rates[-1]}", args, 0, args.num_requests, "--rate", rates[-1])
         finally:
             server.stop()
-        loadgen("simulate", "fit", "--step-log", str(out / "steps"), "--results", str(out / "fit"),
-                "--output", str(out / "model.json"))
+        loadgen("simulate", "fit", "--step-log", str(out / "steps"), "--results", str(out / "capacity"),
+                "--results", str(out / "fit"), "--output", str(out / "model.json"))
         for rate in rates:
             loadgen("replay", str(out / f"live-{rate}"), "--step-model", str(out / "model.json"),
                     "--output", str(out / f"replay-{rate}"))
             r = json.loads((out / f"replay-{rate}" / "results.json").read_text())
-            table[f"{scheduler} @ {rate}/s"] = {k: (r["live"].get(k), r["summary"].get(k), r["relative_error"].get(k))
-                                               for k in FIGURES}
+            row = {k: (r["live"].get(k), r["summary"].get(k), r["relative_error"].get(k)) for k in FIGURES}
+            # The measured run's own steps against the model: a machine that changed speed since the fit.
+            row["steps_vs_model"] = r.get("live_steps", {}).get("total_time_rel_error")
+            table[f"{scheduler} @ {rate}/s"] = row
         write_table(args.output, table)  # after each scheduler: a long run that is cut short keeps what it has
 
 
 def write_table(output: Path, table: dict) -> None:
     (output / "accuracy.json").write_text(json.dumps(table, indent=2))
-    lines = ["| run | " + " | ".join(FIGURES) + " |", "|---" * (len(FIGURES) + 1) + "|"]
-    for run, figures in table.items():
-        cells = [f"{lv:.1f} / {sv:.1f} ({e:+.1%})" if e is not None else "-" for lv, sv, e in figures.values()]
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    lines = ["| run | " + " | ".join(FIGURES) + " | steps vs model |", "|---" * (len(FIGURES) + 2) + "|"]
+    for run, row in table.items():
+        cells = [f"{lv:.1f} / {sv:.1f} ({e:+.1%})" if e is not None else "-" for lv, sv, e in map(row.get, FIGURES)]
+        steps = row.get("steps_vs_model")
+        lines.append(f"| {run} | " + " | ".join(cells) + f" | {'-' if steps is None else f'{steps:+.1%}'} |")
     (output / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

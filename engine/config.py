@@ -107,9 +107,9 @@ class EngineArgs:
     # None (the default): no step takes the last core; measured on a shared 2-core machine, steps on both
     # cores ran several times slower.
     cpu_parallel_min_gflop: float | None = None
-    # CPU: linear weights packed once for oneDNN (engine/models/linear.py). Off by default: oneDNN keeps a
-    # primitive of about 0.6 MB per weight and distinct batch size, so memory grows with the shapes seen.
-    cpu_prepack_weights: bool = False
+    # CPU: linear weights packed once for oneDNN, rows padded to a few sizes whose kernels are built at
+    # start-up (engine/models/linear.py). False: F.linear.
+    cpu_prepack_weights: bool = True
     structured_outputs_backend: str = "auto"  # auto | xgrammar | guidance
     seed: int = 0
     step_log: str | None = None  # a directory: each engine appends one JSON line per step (engine/step_log.py)

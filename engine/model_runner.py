@@ -17,7 +17,7 @@ from scheduling import Chunk, Request, StepPlan
 
 from .attention import AttentionMetadata, make_backend
 from .config import EngineArgs, ModelConfig
-from .models.linear import can_prepack
+from .models.linear import can_prepack, warm_up
 from .models.loader import load_model
 from .parallel import TPGroup, check_shardable, start_group
 from .sampler import SamplingBatch, SamplingRow, prompt_logprobs, sample
@@ -109,7 +109,7 @@ class ModelRunner:
                                        if "layers." in n and p.dim() == 2)
         self.flops_per_sample = 2 * config.vocab_size * config.hidden_size
         if args.cpu_prepack_weights and can_prepack(self.device, config.dtype):
-            self.model.prepack_weights()
+            warm_up(self.model.prepack_weights(), max(args.token_budget(self.device), args.max_num_seqs))
         self.num_blocks = self.group.min(self._num_kv_blocks())  # every rank holds the same blocks
         # One block more than the KV manager hands out: a scratch block that padded rows of a
         # CUDA-graph batch write into, so no real block is ever touched by padding.

@@ -3,13 +3,19 @@ requests of a live run and set the simulation beside what was measured.
 
 From RUN_DIR/results.json: each request's send time, prompt and output lengths, and the server's
 settings the run recorded from /server_info (scheduler, balancer and their knobs, workers, KV
-blocks, block size, token budget, seats, context length, seed). The simulator (loadgen/simulate.py)
-runs those policies on the step model; the server path is added around it: a request reaches the
-balancer `request_s` after it was sent, and each token reaches the client `token_s` after its step.
+blocks, block size, token budget, seats, context length, output-length mode, seed), and what the
+client declared (each max_tokens, ignore_eos). The simulator (loadgen/simulate.py)
+runs those policies on the step model, with the KV prefix cache on if the server had it on; the
+server path is added around it: a request reaches its worker `request_s` after it was sent, its
+first token reaches the client `first_token_s` after its step, and its stream ends `token_s` after
+the step of its last token, each drawn per request from the spread the fit measured (and each
+step's time from its spread), with the server's seed.
 
 OUT/results.json holds `summary` (the simulated run, loadgen's keys), `live` (the run's own
 summary), `relative_error` ((simulated - live) / live per numeric key, element-wise for per-worker
-lists) and the replayed requests; the console shows both side by side.
+lists), `live_steps` (if the server logged its steps: how the live run's own steps compare with the
+step model, which tells a machine that changed speed since the fit from an error of the simulation)
+and the replayed requests; the console shows both side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -25,9 +32,10 @@ from balancer import BALANCERS
 from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries, summarize
 from loadgen.report import load_results, plot_run, write_results
 from loadgen.simulate import Simulation, SimulationError, build_parser
-from loadgen.step_model import StepModel
+from loadgen.step_model import StepModel, read_step_logs, step_targets
 from loadgen.workload import WorkloadRequest
 from scheduling import SCHEDULERS
+from scheduling.step_cost import StepFeatures
 
 TABLE = [("Mean TTFT (ms)", "mean_ttft_ms"), ("Median TTFT (ms)", "median_ttft_ms"), ("P99 TTFT (ms)", "p99_ttft_ms"),
          ("Mean TPOT (ms)", "mean_tpot_ms"), ("Median TPOT (ms)", "median_tpot_ms"), ("P99 TPOT (ms)", "p99_tpot_ms"),
@@ -42,7 +50,7 @@ def simulation_args(info: dict, live_config: dict, output: str) -> argparse.Name
         "--workload", "synthetic", "--output", output, "--scheduler", info["scheduler"],
         "--balancer", info["balancer"], "--workers", str(info["num_workers"]), "--block-size", str(info["block_size"]),
         "--max-num-seqs", str(info["max_num_seqs"]), "--max-num-batched-tokens", str(info["max_num_batched_tokens"]),
-        "--seed", str(info.get("seed", 0))])
+        "--seed", str(info.get("seed", 0)), "--output-length", info.get("output_length", "history")])
     for registry, policy, knobs in ((SCHEDULERS, info["scheduler"], info.get("scheduler_knobs", {})),
                                     (BALANCERS, info["balancer"], info.get("balancer_knobs", {}))):
         for name, value in knobs.items():
@@ -81,15 +89,23 @@ def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, cons
     rows = [q for q in live["requests"] if q["success"]]
     if len(rows) < len(live["requests"]):
         console.print(f"[yellow]{len(live['requests']) - len(rows)} failed requests of the live run are left out")
-    # Arrivals at the balancer: the send time plus the server path before the engine.
-    schedule = [WorkloadRequest(q["input_tokens"], q["output_tokens"], arrival_s=q["start_s"] + model.request_s)
-                for q in rows]
+    # Arrivals at the balancer (and at once the worker): the send time plus the server path before the engine.
+    rng = np.random.default_rng([info.get("seed", 0), 6])
+    schedule = [WorkloadRequest(q["input_tokens"], q["output_tokens"],
+                                arrival_s=q["start_s"] + model.draw("request", rng)) for q in rows]
     args = simulation_args(info, config, str(output))
-    sim = Simulation(args, schedule, model, info["num_kv_blocks"], info["max_model_len"])
+    sim = Simulation(args, schedule, model, info["num_kv_blocks"], info["max_model_len"],
+                     info.get("enable_prefix_caching", False))
+    # What the live client declared: each request's max_tokens, and whether it ignored EOS (then every
+    # policy that predicts output lengths knew them exactly).
+    sim.ignore_eos = config.get("ignore_eos", False)
+    for track, q in zip(sim.tracks, rows):
+        track.max_tokens = q.get("requested_output_tokens") or track.max_tokens
     sim.run()
     for track, q in zip(sim.tracks, rows):
         track.start_s = q["start_s"]
-        track.times = [t + model.token_s for t in track.times]
+        first, last = model.draw("first_token", rng), model.draw("token", rng)
+        track.times = [track.times[0] + first] + [t + last for t in track.times[1:]]
     records: list[RequestRecord] = sim.records()
     duration = benchmark_duration(records)
     summary = summarize(records, duration)
@@ -104,12 +120,36 @@ def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, cons
     timeseries = client_timeseries(records, duration)
     rows = [r.as_dict() | {"worker": t.worker} for r, t in zip(records, sim.tracks)]
     comparison = {"live": live_summary, "relative_error": errors}
+    steps = live_step_error(info, config, live["summary"], model)
+    if steps is not None:
+        comparison["live_steps"] = steps
     write_results(output, summary, rows, sim_config, timeseries, server, comparison)
     results = {"summary": summary, "requests": rows, "config": sim_config, "timeseries": timeseries,
                "server": server, **comparison}
     plot_run(output, results)
     console.print(comparison_table(summary, live_summary, errors, run_dir))
+    if steps is not None:
+        console.print(f"The live run's own {steps['steps']} steps took {steps['total_time_rel_error']:+.1%} "
+                      f"against the step model's time for them (mean |error| per step "
+                      f"{steps['mean_abs_rel_error']:.1%}); a machine that changed speed since the fit shows here")
     return results
+
+
+def live_step_error(info: dict, config: dict, summary: dict, model: StepModel) -> dict | None:
+    """If the server logged its steps (--step-log), how the live run's own steps compare with the step
+    model: (measured - predicted) / predicted in total and per step. A machine that slowed down or
+    sped up since the fit shows here, apart from any error of the simulation itself."""
+    directory, t0 = info.get("step_log"), config.get("t0_monotonic")
+    if not directory or t0 is None or not Path(directory).is_dir():
+        return None
+    end = t0 + summary["duration"] + 1.0
+    rows = [r for r in read_step_logs(directory) if t0 - 1.0 <= r.get("start", -1.0) <= end]
+    if not rows:
+        return None
+    x, measured = step_targets(rows)
+    predicted = np.array([model.step_seconds(StepFeatures(int(t), int(s), 0, 0, int(k), int(p))) for t, s, k, p in x])
+    return {"steps": len(rows), "total_time_rel_error": float(measured.sum() / predicted.sum() - 1),
+            "mean_abs_rel_error": float(np.mean(np.abs(measured / predicted - 1)))}
 
 
 def _fmt(v) -> str:

@@ -11,13 +11,15 @@ takes what the step model (loadgen/step_model.py) charges for the work schedulin
 counts in its plan. Requests reach the balancer at their arrival
 times, and the real balancer policy routes them over real WorkerLoads. A worker does what the
 worker process does: after each step it sends a LoadReport built from its scheduler's stats(),
-which the balancer sees `--report-delay-ms` later, then it takes in the requests that arrived
-during the step and plans the next one. So the balancer decides on stale reports plus its own
+which the balancer sees `--report-delay-ms` later, then, the step model's `loop_s` later if work
+remains (the worker loop's own time), it takes in the requests that arrived meanwhile and plans
+the next one. So the balancer decides on stale reports plus its own
 exact record of what it sent since, as in the real process. Requests reach a worker instantly.
 
 A trace gives token counts, not tokens. Each request's prompt repeats its own index, so no two
-requests share a prefix, and the KV prefix cache is off: it could never hit, and hashing every
-block every step would be the simulator's largest cost. Each output ends at the trace's length
+requests share a prefix. The KV prefix cache is off unless asked for (`loadgen replay` of a server
+that had it on): then a preempted request finds its own blocks again when it resumes, as in the
+engine, at the cost of hashing blocks every step. Each output ends at the trace's length
 with an end-of-sequence token. What the policies may know of that length beforehand is
 `--output-length` (scheduling/output_length.py): with `oracle` each request's max_tokens is its
 true length; with `max-tokens` and `history` it is `--max-tokens`, a limit the same for every
@@ -96,27 +98,30 @@ class Worker:
         self.sampled: list[int | None] = []
         self.step_s = 0.0
         self.dry_steps = 0
+        self.looping = False  # between a step's end and the next step's plan (the model's loop_s)
         self.reports: deque[tuple[float, LoadReport]] = deque()  # (when the balancer sees it, report)
         self.completed = 0
         self.samples: list[tuple[float, int, int, int]] = []  # (t, running, waiting, KV blocks used)
 
 
 class Simulation:
-    def __init__(self, args, schedule: list, model: StepModel, num_kv_blocks: int, max_model_len: int):
+    def __init__(self, args, schedule: list, model: StepModel, num_kv_blocks: int, max_model_len: int,
+                 prefix_caching: bool = False):
         self.args, self.model = args, model
         self.delay_s = args.report_delay_ms / 1e3
+        self.rng = np.random.default_rng([args.seed, 5])  # step times drawn from the model's spread
         config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  max_model_len=max_model_len, eos_token_ids=frozenset({EOS_TOKEN}),
                                  output_length=args.output_length)
         self.workers = [Worker(i, make_scheduler(args.scheduler, config,
-                                                 KVBlockManager(num_kv_blocks, args.block_size, False),
+                                                 KVBlockManager(num_kv_blocks, args.block_size, prefix_caching),
                                                  knob_values(args, SCHEDULERS, args.scheduler)))
                         for i in range(args.workers)]
         self.balancer = make_balancer(args.balancer, knob_values(args, BALANCERS, args.balancer), args.seed)
         self.loads = [WorkerLoad(i) for i in range(args.workers)]
         # With one worker no decision depends on a report: skip building them.
         self.reporting = args.workers > 1
-        self.events: list[tuple[float, int, int]] = []  # (step end, sequence number, worker)
+        self.events: list[tuple[float, int, int, bool]] = []  # (when, sequence number, worker, step end or loop end)
         self.seq = 0
         strict = np.random.default_rng([args.seed, 3]).random(len(schedule)) < args.strict_tbt_frac
         limit = args.max_tokens or max(r.output_tokens for r in schedule)
@@ -125,6 +130,7 @@ class Simulation:
                              r.output_tokens if args.output_length == "oracle" else limit)
                        for i, r in enumerate(schedule)]
         self.held: deque[Track] = deque()  # due, but --max-concurrency requests are in flight
+        self.ignore_eos = False  # requests end at EOS (the trace's length); replay sends what the live client did
         self.in_flight = 0
 
     # ---- events -----------------------------------------------------------------------------------
@@ -133,8 +139,11 @@ class Simulation:
         events, i, n = self.events, 0, len(arrivals)
         while i < n or events:
             if events and (i == n or events[0][0] <= arrivals[i].arrival_s):
-                now, _, w = heapq.heappop(events)
-                self.end_step(self.workers[w], now)
+                now, _, w, step_end = heapq.heappop(events)
+                if step_end:
+                    self.end_step(self.workers[w], now)
+                else:
+                    self.next_step(self.workers[w], now)
             else:
                 track = arrivals[i]
                 i += 1
@@ -155,7 +164,7 @@ class Simulation:
         self.in_flight += 1
         track.start_s = now
         request = GenerateRequest(str(track.index), [track.index] * track.input_tokens,
-                                  SamplingParams(max_tokens=track.max_tokens), now,
+                                  SamplingParams(max_tokens=track.max_tokens, ignore_eos=self.ignore_eos), now,
                                   slo=SLO(tbt_ms=track.tbt_slo_ms))
         for load, worker in zip(self.loads, self.workers):
             self.deliver_reports(load, worker, now)
@@ -164,7 +173,7 @@ class Simulation:
         worker = self.workers[w]
         track.worker = w
         worker.inbox.append(request)
-        if worker.plan is None:
+        if worker.plan is None and not worker.looping:
             self.take_inbox(worker)
             self.start_step(worker, now)
 
@@ -195,12 +204,20 @@ class Simulation:
             else:  # the trace's length reached: end of sequence
                 last = c.request.num_output_tokens + 1 >= c.request.payload.output_tokens
                 sampled.append(EOS_TOKEN if last else SAMPLED_TOKEN)
-        step_s = self.model.step_seconds(step_features(plan))
+        step_s = self.model.step_seconds(step_features(plan)) * self.model.draw("step", self.rng)
         if worker.index == 0:
             step_s *= self.args.slow_worker_factor
         worker.plan, worker.sampled, worker.step_s = plan, sampled, step_s
-        heapq.heappush(self.events, (now + step_s, self.seq, worker.index))
+        self.push(now + step_s, worker, True)
+
+    def push(self, when: float, worker: Worker, step_end: bool) -> None:
+        heapq.heappush(self.events, (when, self.seq, worker.index, step_end))
         self.seq += 1
+
+    def next_step(self, worker: Worker, now: float) -> None:
+        worker.looping = False
+        self.take_inbox(worker)
+        self.start_step(worker, now)
 
     def end_step(self, worker: Worker, now: float) -> None:
         s = worker.scheduler
@@ -223,8 +240,11 @@ class Simulation:
             report = LoadReport(worker_id=worker.index, stats=s.stats(), requests_in=worker.requests_in,
                                 counters=dict(s.counters), time=now)
             worker.reports.append((now + self.delay_s, report))
-        self.take_inbox(worker)
-        self.start_step(worker, now)
+        if self.model.loop_s and (s.has_work() or worker.inbox):
+            worker.plan, worker.looping = None, True
+            self.push(now + self.model.loop_s, worker, False)
+        else:  # no work left: the worker waits on its queue, and the next arrival starts a step at once
+            self.next_step(worker, now)
         self.in_flight -= finished
         for _ in range(finished):
             if self.held:

@@ -9,17 +9,22 @@ tokens read, P query-key pairs):
 
 `overlap` 1 is the roofline's max(memory, compute) (a GPU streams weights while it multiplies), 0
 their sum (a CPU mostly does one then the other); the fit chooses it. c0 is the per-step fixed cost
-(launches, scheduling, the worker loop between steps), c2 the per-sequence cost. The design's linear
+(launches, scheduling, sampling), c2 the per-sequence cost. The design's linear
 model `StepModel(c0, c1, c2, c3)` is the special case weights_s = c4 = overlap = 0.
 
-The server's own path is two more terms, which `loadgen replay` applies: `request_s`, from the
-client's send to the engine's arrival (HTTP, validation, tokenization, queues), and `token_s`, from
-the end of the step that made a token to the client reading it (queue, detokenization, SSE).
+Four more terms are the process around the step, which the simulator and `loadgen replay` apply:
+`loop_s`, the worker loop's own time between two steps while work remains (sending the outputs
+and the load report, taking in new requests); `request_s`, from the client's send until an idle
+worker holds the request (HTTP, validation, tokenization, the server's queue, the balancer); and
+`first_token_s` / `token_s`, from the end of the step that made a request's first / last token to
+the client reading it (queues, detokenization, SSE; the first chunk also starts the response, and
+the last one ends the stream). The fit takes each from the server's own timestamps: its mean, and
+its spread (percentiles), which the replay draws from per request, as it draws each step's time.
 
-`simulate fit --step-log DIR --results RUN_DIR --output MODEL.json` fits the step terms by least
-squares on the workers' step logs (engine/step_log.py) and the path terms on the run's own
-timestamps, prints each coefficient with its standard error and the relative error on held-out
-steps (every fifth), and writes the file `--step-model` reads.
+`simulate fit --step-log DIR --results RUN_DIR [--results RUN_DIR ...] --output MODEL.json` fits
+the step terms by least squares on the workers' step logs (engine/step_log.py) of those runs and
+the server's terms on the runs' own timestamps (the open-loop runs', if any), prints each coefficient with its standard error and
+the relative error on held-out steps (every fifth), and writes the file `--step-model` reads.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ from scheduling.step_cost import StepFeatures
 STEP_TERMS = ("c0", "c2", "weights_s", "c3", "c1", "c4")  # the fitted columns, in the order fit() solves them
 OVERLAP_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
+# The quantiles a fit records of each spread: the middle of each percentile, so that one stall in a
+# log (the slowest step of thousands) stands for the top half percent, not for the whole top percent.
+# Drawing from them (flat beyond the ends) averages exactly their mean.
+SPREAD = (np.arange(100) + 0.5) / 100
 
 
 @dataclass(frozen=True)
@@ -49,20 +58,40 @@ class StepModel:
     c4: float = 0.0  # per query-key pair: attention FLOPs
     weights_s: float = 0.0  # weights streamed once per step
     overlap: float = 0.0  # 0: memory and compute add up; 1: max(memory, compute)
-    request_s: float = 0.0  # server path per request: client send to engine arrival
-    token_s: float = 0.0  # server path per token: step end to the client's chunk
+    loop_s: float = 0.0  # the worker loop between two steps while work remains
+    request_s: float = 0.0  # server path per request: client send to an idle worker holding it
+    first_token_s: float = 0.0  # server path of a first token: step end to the client's chunk
+    token_s: float = 0.0  # server path of a last token: step end to the client's end of stream
+    # How the measured times spread around those means, as their quantiles at SPREAD: each step's
+    # measured over predicted time (scaled to mean 1), and each request's server path times. A
+    # queue waits on the spread as well as on the mean. Empty: every step and request costs the mean.
+    step_spread: tuple[float, ...] = ()
+    request_spread: tuple[float, ...] = ()
+    first_token_spread: tuple[float, ...] = ()
+    token_spread: tuple[float, ...] = ()
 
     def __post_init__(self):
-        values = dataclasses.astuple(self)
+        values = [v for v in dataclasses.astuple(self) if isinstance(v, float)]
+        values += [v for f in SPREADS for v in getattr(self, f)]
         if min(values) < 0 or not all(map(math.isfinite, values)) or self.overlap > 1:
             raise ValueError(f"step model coefficients must be finite and >= 0, overlap <= 1: {self}")
-        if self.c0 + self.c1 + self.weights_s <= 0:
+        if any(len(getattr(self, f)) not in (0, len(SPREAD)) for f in SPREADS):
+            raise ValueError(f"a spread has {len(SPREAD)} quantiles (or none)")
+        if self.c0 + self.c1 + self.c2 + self.weights_s <= 0:  # every step has a sequence and a token
             raise ValueError(f"step model gives steps no time: {self}")
 
     def step_seconds(self, f: StepFeatures) -> float:
         memory = self.weights_s + self.c3 * f.kv_tokens_read
         compute = self.c1 * f.batched_tokens + self.c4 * f.attention_pairs
         return self.c0 + self.c2 * f.num_seqs + memory + compute - self.overlap * min(memory, compute)
+
+    def draw(self, term: str, rng: np.random.Generator) -> float:
+        """One sample of `term` ("step": the factor on a step's time; "request", "first_token",
+        "token": a server path time) from its spread; without one, its mean."""
+        spread = getattr(self, f"{term}_spread")
+        if not spread:
+            return 1.0 if term == "step" else getattr(self, f"{term}_s")
+        return float(np.interp(rng.random(), SPREAD, spread))
 
     @classmethod
     def load(cls, path: str | Path) -> StepModel:
@@ -72,10 +101,18 @@ class StepModel:
         if not isinstance(coef, dict) or not {"c0", "c1", "c2", "c3"} <= coef.keys():
             raise ValueError(f"{path}: expected a JSON object with c0, c1, c2, c3 (and optionally "
                              f"{', '.join(names[4:])})")
-        return cls(**{k: float(coef[k]) for k in names if k in coef})
+        return cls(**{k: tuple(map(float, coef[k])) if k in SPREADS else float(coef[k])
+                      for k in names if k in coef})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SPREADS = tuple(f.name for f in dataclasses.fields(StepModel) if f.name.endswith("_spread"))
+
+
+def spread_of(samples) -> tuple[float, ...]:
+    return tuple(float(q) for q in np.quantile(np.asarray(samples, dtype=np.float64), SPREAD))
 
 
 # ---- presets ----------------------------------------------------------------------------------------
@@ -118,7 +155,9 @@ def cpu_demo() -> tuple[StepModel, int, int]:
     the 200 requests of the rate-3 run. The machine was shared with four other helpers' builds and
     tests (load average 4 to 9 on 2 cores), so the steps were slowed and noisy: the fit's error on
     held-out steps is large per step (mean |error| 94%) while their total time is within 3%.
-    Refit on a quiet machine before trusting absolute figures.
+    Refit on a quiet machine before trusting absolute figures. Fitted before the worker loop
+    (loop_s) and the first token's path (first_token_s) were terms of their own: its token_s is the
+    mean of a first and a last token's path, and its steps include the loop.
     """
     model = StepModel(c0=0.0, c1=3.717e-4, c2=3.604e-3, c3=1.621e-6, c4=4.846e-7, weights_s=1.245e-3, overlap=1.0,
                       request_s=3.33e-3, token_s=1.594e-2)
@@ -178,24 +217,21 @@ def read_step_logs(path: str | Path) -> list[dict]:
 
 
 def step_targets(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Features [T, S, K, P] and the time each step occupies its worker: its duration plus the loop
-    overhead before the next step (the gap before a step whose predecessor left work). After an idle
-    gap that overhead is not measured: the median of the measured ones stands in."""
+    """Features [T, S, K, P] and each step's duration."""
     try:
         x = np.array([[r["batched_tokens"], r["num_seqs"], r["kv_tokens_read"], r.get("attention_pairs", 0)]
                       for r in rows], dtype=np.float64)
         seconds = np.array([r["seconds"] for r in rows], dtype=np.float64)
     except (KeyError, TypeError):
         raise ValueError("every step needs batched_tokens, num_seqs, kv_tokens_read and seconds") from None
-    # The gap before step i+1 follows step i, within one worker's log.
-    loop = np.full(len(rows), np.nan)
-    for i in range(len(rows) - 1):
-        nxt = rows[i + 1]
-        if nxt.get("busy_before") and nxt.get("gap_s") is not None and nxt.get("worker") == rows[i].get("worker"):
-            loop[i] = nxt["gap_s"]
-    measured = loop[~np.isnan(loop)]
-    loop[np.isnan(loop)] = float(np.median(measured)) if measured.size else 0.0
-    return x, seconds + loop
+    return x, seconds
+
+
+def loop_gaps(rows: list[dict]) -> np.ndarray:
+    """The worker loop's time between steps: the gap before each step whose predecessor left work
+    (after an idle gap the worker was waiting for requests, not looping)."""
+    return np.array([r["gap_s"] for r in rows if r.get("busy_before") and r.get("gap_s") is not None],
+                    dtype=np.float64)
 
 
 # ---- fitting the step terms -------------------------------------------------------------------------
@@ -279,9 +315,13 @@ def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel
         trials.append((float(np.sum((_predict(m, x[held]) - y[held]) ** 2)), o, m))
     _, best_overlap, train_model = min(trials, key=lambda t: t[0])
     coef = _fit_overlap(x, y, best_overlap)
-    model = _model(coef, best_overlap)
-    # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
+    gaps = loop_gaps(rows)
+    loop_s, loop_se = _mean_se(gaps) if gaps.size else (0.0, None)
+    model = _model(coef, best_overlap, loop_s=loop_s)
     pred = _predict(model, x)
+    factor = np.asarray(spread_of(y / np.maximum(pred, 1e-9)))
+    model = dataclasses.replace(model, step_spread=tuple(map(float, factor / factor.mean())))
+    # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
     memory = model.weights_s + model.c3 * x[:, 2]
     a = _design(x, best_overlap, memory >= model.c1 * x[:, 0] + model.c4 * x[:, 3])
     free = [j for j in range(6) if coef[j] > 0]
@@ -292,74 +332,103 @@ def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel
         cov = sigma2 * np.linalg.pinv(a[:, free].T @ a[:, free])
         for j, d in zip(free, np.sqrt(np.clip(np.diag(cov), 0, None))):
             errors[STEP_TERMS[j]] = float(d)
+    errors["loop_s"] = loop_se
     return model, {"steps": int(len(y)), "overlap_grid_heldout_sse": {f"{o:g}": sse for sse, o, _ in trials},
                    "standard_errors": errors, "rmse_s": math.sqrt(sigma2),
                    "heldout": _errors(train_model, x[held], y[held]), "train": _errors(model, x, y)}
 
 
 # ---- fitting the server path ------------------------------------------------------------------------
-def server_path(rows: list[dict], results: dict) -> dict:
-    """request_s and token_s from the run's send and chunk times (results.json) against the engine's
-    arrivals and token steps (step logs), both on the monotonic clock. A live request and an engine
-    request are paired by their lengths, in time order."""
-    config = results["config"]
-    t0 = config.get("t0_monotonic")
-    if t0 is None:
-        raise ValueError("the run's results.json has no t0_monotonic: record it with this version of loadgen")
+def _mean_se(v) -> tuple[float, float | None]:
+    v = np.asarray(v, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+
+
+def server_path(rows: list[dict], runs: list[dict]) -> dict:
+    """request_s, first_token_s and token_s from the runs' send, first-chunk and end times
+    (results.json) against the engine's arrivals and token steps (step logs), all on the monotonic
+    clock. A live request and an engine request are paired by their lengths, in time order."""
     arrivals, first, last = {}, {}, {}
+    busy: dict[int, list[tuple[float, float]]] = {}
     for r in rows:
-        for rid, server_arrival, _, prompt, max_tokens in r.get("arrived", ()):
-            arrivals[rid] = (server_arrival, prompt, max_tokens)
         end = r["start"] + r["seconds"]
+        busy.setdefault(r.get("worker"), []).append((r["start"], end))
+        for rid, server_arrival, engine_add, prompt, max_tokens in r.get("arrived", ()):
+            arrivals[rid] = (server_arrival, engine_add, prompt, max_tokens, r.get("worker"))
         for rid, _, _, got in r.get("chunks", ()):
             if got:
                 first.setdefault(rid, end)
                 last[rid] = end
-    by_shape: dict[tuple[int, int], list] = {}
-    for rid, (at, prompt, max_tokens) in arrivals.items():
-        if at >= t0 - 1.0 and rid in last:  # warm-up requests came before t0
-            by_shape.setdefault((prompt, max_tokens), []).append((at, rid))
-    live: dict[tuple[int, int], list] = {}
-    for q in results["requests"]:
-        if q["success"] and q.get("requested_output_tokens"):
-            live.setdefault((q["input_tokens"], q["requested_output_tokens"]), []).append(q)
-    request_s, token_s = [], []
-    for shape, engine_side in by_shape.items():
-        client_side = live.get(shape, [])
-        if len(client_side) != len(engine_side):
-            continue  # ambiguous: pair only shapes both sides saw equally often
-        for (at, rid), q in zip(sorted(engine_side), sorted(client_side, key=lambda q: q["start_s"])):
-            sent = t0 + q["start_s"]
-            request_s.append(at - sent)
-            token_s.append(sent + q["ttft_ms"] / 1e3 - first[rid])
-            token_s.append(sent + q["e2el_ms"] / 1e3 - last[rid])
-    if not request_s:
+    # Server to worker, for requests that found their worker idle (blocked on its queue); one that
+    # came during a step waits for the step's end, which the simulator plays itself.
+    steps = {w: np.array(sorted(v)) for w, v in busy.items()}
+    dispatch = []
+    for server_arrival, engine_add, _, _, worker in arrivals.values():
+        s = steps[worker]
+        i = np.searchsorted(s[:, 1], server_arrival)
+        if not (i < len(s) and s[i, 0] <= server_arrival):
+            dispatch.append(engine_add - server_arrival)
+    http, first_token, last_token = [], [], []
+    for results in runs:
+        t0 = results["config"].get("t0_monotonic")
+        if t0 is None:
+            raise ValueError("the run's results.json has no t0_monotonic: record it with this version of loadgen")
+        end = t0 + results["summary"]["duration"] + 1.0
+        by_shape: dict[tuple[int, int], list] = {}
+        for rid, (at, _, prompt, max_tokens, _) in arrivals.items():
+            if t0 - 1.0 <= at <= end and rid in last:  # warm-up requests came before t0
+                by_shape.setdefault((prompt, max_tokens), []).append((at, rid))
+        live: dict[tuple[int, int], list] = {}
+        for q in results["requests"]:
+            if q["success"] and q.get("requested_output_tokens"):
+                live.setdefault((q["input_tokens"], q["requested_output_tokens"]), []).append(q)
+        for shape, engine_side in by_shape.items():
+            client_side = live.get(shape, [])
+            if len(client_side) != len(engine_side):
+                continue  # ambiguous: pair only shapes both sides saw equally often
+            for (at, rid), q in zip(sorted(engine_side), sorted(client_side, key=lambda q: q["start_s"])):
+                sent = t0 + q["start_s"]
+                http.append(at - sent)
+                first_token.append(sent + q["ttft_ms"] / 1e3 - first[rid])
+                last_token.append(sent + q["e2el_ms"] / 1e3 - last[rid])
+    if not http:
         raise ValueError("no request of the run could be paired with the step logs' requests: "
                          "were they logged by the server this run measured?")
+    (h, h_se), (f, f_se), (t, t_se) = _mean_se(http), _mean_se(first_token), _mean_se(last_token)
+    d, d_se = _mean_se(dispatch) if dispatch else (0.0, None)
+    se = None if h_se is None or d_se is None else math.hypot(h_se, d_se)
+    # A request's own path: its HTTP part plus a dispatch drawn from the idle arrivals.
+    request = np.asarray(http) + (np.random.default_rng(0).choice(dispatch, len(http)) if dispatch else 0.0)
+    clip = lambda v: spread_of(np.maximum(v, 0.0))  # noqa: E731 - clocks of two processes: never below 0
+    return {"request_s": max(h + d, 0.0), "first_token_s": max(f, 0.0), "token_s": max(t, 0.0),
+            "request_spread": clip(request), "first_token_spread": clip(first_token), "token_spread": clip(last_token),
+            "paired_requests": len(http),
+            "standard_errors": {"request_s": se, "first_token_s": f_se, "token_s": t_se}}
 
-    def mean_se(v):
-        v = np.asarray(v)
-        return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
-    (rs, rs_se), (ts, ts_se) = mean_se(request_s), mean_se(token_s)
-    return {"request_s": max(rs, 0.0), "token_s": max(ts, 0.0), "paired_requests": len(request_s),
-            "standard_errors": {"request_s": rs_se, "token_s": ts_se}}
 
-
-def fit(step_log: str | Path, results_dir: str | Path | None = None, overlap: float | None = None
+def fit(step_log: str | Path, results_dirs: list[str | Path] = (), overlap: float | None = None
         ) -> tuple[StepModel, dict]:
+    """The step model from a step log; with loadgen runs against that server, from their steps only
+    (a log directory may hold several runs), and the server's path terms from their timestamps."""
+    from loadgen.report import load_results
     rows = read_step_logs(step_log)
-    results = None
-    if results_dir is not None:
-        from loadgen.report import load_results
-        results = load_results(results_dir)
+    runs = [load_results(d) for d in results_dirs]
+    windows = []
+    for results in runs:
         t0 = results["config"].get("t0_monotonic")
-        if t0 is not None:  # a log directory may hold several runs: fit the steps of this one
-            end = t0 + results["summary"]["duration"] + 1.0
-            rows = [r for r in rows if "start" not in r or t0 - 1.0 <= r["start"] <= end]
+        if t0 is not None:
+            windows.append((t0 - 1.0, t0 + results["summary"]["duration"] + 1.0))
+    if windows:
+        rows = [r for r in rows if "start" not in r or any(a <= r["start"] <= b for a, b in windows)]
     model, quality = fit_steps(rows, overlap)
-    if results is not None:
-        path = server_path(rows, results)
-        model = dataclasses.replace(model, request_s=path["request_s"], token_s=path["token_s"])
+    if runs:
+        # The server path from open-loop runs where there are any: a closed loop (--max-concurrency)
+        # sends each request as another ends, when the server is busiest (its HTTP part took twice as
+        # long as in a Poisson run of the same server, BENCHMARKS.md).
+        path = server_path(rows, [r for r in runs if not r["config"].get("max_concurrency")] or runs)
+        model = dataclasses.replace(model, **{k: path[k] for k in ("request_s", "first_token_s", "token_s",
+                                                                   "request_spread", "first_token_spread",
+                                                                   "token_spread")})
         quality["standard_errors"] |= path["standard_errors"]
         quality["paired_requests"] = path["paired_requests"]
     return model, quality
@@ -370,8 +439,9 @@ def fit_main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step_log_path", nargs="?", metavar="STEP_LOG", help="same as --step-log")
     p.add_argument("--step-log", metavar="DIR", help="the server's --step-log directory (or one JSONL file)")
-    p.add_argument("--results", metavar="RUN_DIR", help="a loadgen --output of a run against that server: "
-                                                        "fits the server path's request_s and token_s")
+    p.add_argument("--results", metavar="RUN_DIR", action="append", default=[],
+                   help="a loadgen --output of a run against that server (repeatable): fits on those runs' "
+                        "steps only, and the server path's request_s, first_token_s and token_s")
     p.add_argument("--overlap", type=float, help="fix the memory/compute overlap (0: sum, 1: max) "
                                                  "instead of choosing it on held-out steps")
     p.add_argument("--output", metavar="FILE", help="write the model here, for --step-model")
@@ -394,10 +464,12 @@ def print_fit(model: StepModel, quality: dict) -> None:
     table.add_column("Value", justify="right")
     table.add_column("Std. error", justify="right")
     for name, value in model.as_dict().items():
+        if name in SPREADS:
+            continue
         se = quality["standard_errors"].get(name)
         if name == "overlap":
             note = ""
-        elif name in ("request_s", "token_s") and "paired_requests" not in quality:
+        elif name in ("request_s", "first_token_s", "token_s") and "paired_requests" not in quality:
             note = "needs --results"
         else:
             note = "held at 0" if se is None and value == 0 else "n/a" if se is None else f"{se:.2g}"
@@ -408,5 +480,10 @@ def print_fit(model: StepModel, quality: dict) -> None:
     console.print(f"held-out steps ({h['steps']}): mean |error| {h['mean_abs_rel_error']:.1%} per step, "
                   f"total time {h['total_time_rel_error']:+.1%}; all steps: {t['mean_abs_rel_error']:.1%}, "
                   f"{t['total_time_rel_error']:+.1%}")
+    for name in SPREADS:
+        if spread := getattr(model, name):
+            unit, scale = ("x mean", 1) if name == "step_spread" else ("ms", 1e3)
+            console.print(f"{name}: p10 {spread[10] * scale:.3g}, p50 {spread[50] * scale:.3g}, "
+                          f"p90 {spread[90] * scale:.3g}, p99.5 {spread[99] * scale:.3g} {unit}")
     if "paired_requests" in quality:
         console.print(f"server path from {quality['paired_requests']} paired requests")

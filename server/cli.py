@@ -40,12 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix-cache-hash-salt", default=os.environ.get("HALFFULL_PREFIX_CACHE_HASH_SALT", ""),
                    help="a secret mixed into the prefix cache's block digests, so they cannot be predicted "
                         "(or $HALFFULL_PREFIX_CACHE_HASH_SALT, which ps does not show)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "flash-attn", "torch-flash", "triton", "torch"])
+    p.add_argument("--attention-backend", default="auto",
+                   choices=["auto", "flash-attn", "torch-flash", "triton", "cpu", "torch"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
-    p.add_argument("--cpu-prepack-weights", action="store_true",
-                   help="CPU: multiply with oneDNN over weights packed at load time instead of F.linear (faster "
-                        "at small batches; memory grows by ~0.6 MB per weight and distinct batch size)")
+    p.add_argument("--cpu-prepack-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: multiply with oneDNN over weights packed at load time (the default; faster than "
+                        "F.linear at small batches, costs start-up time and ~1 MB per weight shape and row bucket)")
     p.add_argument("--cpu-parallel-min-gflop", type=float, default=None,
                    help="CPU: steps with at least this much matmul work run on all the worker's cores, smaller "
                         "ones leave one core to the server (default: every step leaves it; 0: no step does)")

@@ -35,6 +35,7 @@ def server_settings(args, engine_args, ready: list, model_path: str) -> dict:
         "max_num_seqs": engine_args.max_num_seqs,
         "max_num_batched_tokens": engine_args.token_budget(first.device),
         "enable_prefix_caching": engine_args.enable_prefix_caching,
+        "output_length": engine_args.output_length,
         "dtype": engine_args.dtype,
         "step_log": engine_args.step_log,
     }

@@ -1,5 +1,5 @@
-"""The CPU paths: weights packed once for oneDNN against the plain F.linear reference (both token-exact
-with transformers), and intra-op threads chosen per step: all the worker's threads for a step with enough
+"""The CPU paths: weights packed once for oneDNN (the default) against the plain F.linear reference (both
+token-exact with transformers), row counts padded to a few buckets, and intra-op threads chosen per step: all the worker's threads for a step with enough
 matmul work, one fewer for a small one (ModelRunner.step_threads)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from test_engine_hf import check_against_hf, mixed_prompts
 
 from engine import LLM, SamplingParams
 from engine.model_runner import ModelRunner
-from engine.models.linear import Linear
+from engine.models.linear import Linear, bucket_rows, linear, pack
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,20 @@ def test_packed_and_reference_linear_match_transformers(tiny_models, tied_llama,
     assert all(m.weight.is_mkldnn == prepack for m in linears)
     assert (model.lm_head is None) == tied
     check_against_hf(llm, path, mixed_prompts(n=6), logprobs=True)
+
+
+def test_packed_rows_are_padded_to_few_buckets():
+    buckets = [bucket_rows(n) for n in range(1, 513)]
+    assert all(n <= b <= 1.25 * n for n, b in zip(range(1, 513), buckets))
+    assert buckets == sorted(buckets) and bucket_rows(512) == 512
+    assert len(set(buckets)) == 32  # oneDNN kernels a server warms up per weight shape, not 512
+    weight = torch.randn(40, 24)
+    packed = pack(weight)
+    for n in (1, 9, 33, 100):  # padded (9 -> 10, 33 -> 40, 100 -> 112) and unpadded: only the n rows come back
+        x = torch.randn(n, 24)
+        out = linear(x, packed)
+        assert out.shape == (n, 40)
+        torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
 
 
 def test_threads_follow_the_step_size(tiny_models, monkeypatch):

@@ -1,16 +1,17 @@
 """The simulator against the real server: a step log from a live run, a step model fitted on it, and
 a different live run replayed through the simulator, reporting live against simulated.
 
-Issue 15 asks for the replay to come within 10% of the live run on mean TTFT, mean E2E and output
-throughput. It does not yet on this CPU (output throughput within 1%, mean E2E 2-12%, mean TTFT 16-44%
-off on a quiet 2-core machine), so this test pins what the replay reports and how, not its accuracy;
-`benchmarks/replay_accuracy.py` measures that (BENCHMARKS.md, "Simulator against the live server").
+Issue 15's acceptance: the replay comes within 10% of the live run on mean TTFT, mean E2E and
+output throughput. Larger runs, other policies and the p99s: `benchmarks/replay_accuracy.py`
+(BENCHMARKS.md, "Simulator against the live server").
 
 Live: `python -m server --workers 2 --balancer sal --step-log DIR` on the demo model, driven by
 `python -m loadgen` with Azure conversation requests (prompt + output clamped to 256 tokens so that
-200 of them fit in about a minute on 2 cores): a fit run with 16 requests in flight, then the
-measured run at 80% of the rate the fit run sustained. `simulate fit` on the first run, `loadgen
-replay` of the second.
+200 of them fit in about a minute on 2 cores): a capacity run with 16 requests in flight, a fit run
+of Poisson arrivals at 60% of the rate it sustained, then the measured run at 80% (another seed).
+`simulate fit` on the first two runs, `loadgen replay` of the third. The timings are the machine's:
+a machine whose other work slows the server's steps between the fit and the measured run fails
+this test, as it should (the model was fitted to other steps than those replayed).
 """
 
 import json
@@ -20,8 +21,27 @@ import sys
 
 import pytest
 
+from loadgen.simulate import Simulation, build_parser
+from loadgen.step_model import StepModel, fit_steps
+from loadgen.workload import WorkloadRequest
 from scheduling.step_cost import StepFeatures
 from server_utils import CONV_TRACE, ROOT, ServerProcess
+
+
+def test_the_worker_loop_between_steps_is_fitted_and_simulated():
+    # Steps of 10 ms; while work remains the loop takes 4 or 6 ms before the next step, after an
+    # idle gap nothing is the loop's.
+    rows = [{"worker": 0, "start": i * 0.1, "seconds": 0.010 * (1 + i % 3), "batched_tokens": 1 + i % 3 + 7 * (i % 2),
+             "num_seqs": 1 + i % 3, "kv_tokens_read": 50 * (1 + i % 5), "gap_s": (0.004, 0.006, 1.0)[i % 3],
+             "busy_before": i % 3 != 2} for i in range(60)]
+    model, quality = fit_steps(rows)
+    assert model.loop_s == pytest.approx(0.005) and quality["standard_errors"]["loop_s"] > 0
+    # One request of 3 output tokens on one worker: prefill, loop, decode, loop, decode.
+    model = StepModel(c0=0.010, c1=0.0, c2=0.0, c3=0.0, loop_s=0.005)
+    args = build_parser().parse_args(["--workload", "synthetic", "--output", "unused", "--output-length", "oracle"])
+    sim = Simulation(args, [WorkloadRequest(10, 3, arrival_s=1.0)], model, 64, 256)
+    sim.run()
+    assert sim.tracks[0].times == pytest.approx([1.010, 1.025, 1.040])
 
 
 def loadgen(*argv: str) -> str:
@@ -42,12 +62,16 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replay")
     server = ServerProcess("--workers", "2", "--balancer", "sal", "--step-log", str(tmp / "steps"))
     try:
-        # The fit run keeps 16 requests in flight: steps of every batch size up to there, and the
-        # machine's capacity. The measured run's Poisson arrivals then come at 80% of it, whatever the
-        # speed of the machine: busy enough that requests queue behind steps and bursts, yet stable.
-        fit_run = live_run(server, tmp / "fit", 1, 100, "--rate", "inf", "--max-concurrency", "16")
-        rate = 0.8 * fit_run["summary"]["request_throughput"]
-        measured = live_run(server, tmp / "measured", 0, 200, "--rate", f"{rate:.3f}")
+        # The capacity run keeps 16 requests in flight: the machine's capacity, and steps of large
+        # batches. The fit run's Poisson arrivals at 60% of it meet the server path as the measured
+        # run's do, and make steps of the smaller batch sizes: the two runs bracket the measured one,
+        # whose arrivals come at 80%, whatever the speed of the machine: busy enough that requests
+        # queue behind steps and bursts, yet stable. (On 2 cores the server's own work competes with
+        # the workers' steps, more at a higher rate: a fit on both sides interpolates.)
+        capacity = live_run(server, tmp / "capacity", 2, 100, "--rate", "inf", "--max-concurrency", "16")
+        rate = capacity["summary"]["request_throughput"]
+        fit_run = live_run(server, tmp / "fit", 1, 100, "--rate", f"{0.6 * rate:.3f}")
+        measured = live_run(server, tmp / "measured", 0, 200, "--rate", f"{0.8 * rate:.3f}")
     finally:
         assert server.stop() == 0, server.output()
     return tmp, fit_run, measured
@@ -65,21 +89,22 @@ def test_step_log_counts_what_each_step_ran(runs):
         assert r["prefill_tokens"] + r["decode_seqs"] <= r["batched_tokens"]
         assert 0 < r["execute_s"] <= r["seconds"]
     arrived = {a[0] for r in lines for a in r["arrived"]}
-    assert len(arrived) == 300  # every request of both runs, each once
+    assert len(arrived) == 400  # every request of the three runs, each once
     # The run recorded the server's settings from /server_info.
     info = fit_run["config"]["server_info"]
     assert (info["balancer"], info["num_workers"], info["scheduler"]) == ("sal", 2, "fcfs")
     assert info["num_kv_blocks"] > 0 and info["max_num_batched_tokens"] == 512
 
 
-def test_replay_of_a_live_run_reports_live_against_simulated(runs):
+def test_replay_of_a_live_run_predicts_it(runs):
     tmp, _, measured = runs
     model = tmp / "model.json"
-    printed = loadgen("simulate", "fit", "--step-log", str(tmp / "steps"), "--results", str(tmp / "fit"),
-                      "--output", str(model))
+    printed = loadgen("simulate", "fit", "--step-log", str(tmp / "steps"), "--results", str(tmp / "capacity"),
+                      "--results", str(tmp / "fit"), "--output", str(model))
     assert "held-out steps" in printed and "Std. error" in printed
     fitted = json.loads(model.read_text())
-    assert fitted["fit"]["paired_requests"] == 100  # fitted on the first run's steps and requests only
+    # Steps of the first two runs only; the server path of the open-loop one (the capacity run is closed).
+    assert fitted["fit"]["paired_requests"] == 100
     printed = loadgen("replay", str(tmp / "measured"), "--step-model", str(model), "--output", str(tmp / "replay"))
     assert "Simulated" in printed
     out = json.loads((tmp / "replay" / "results.json").read_text())
@@ -88,3 +113,6 @@ def test_replay_of_a_live_run_reports_live_against_simulated(runs):
     for key in ("mean_ttft_ms", "mean_e2el_ms", "output_throughput", "p99_ttft_ms", "mean_tpot_ms"):
         live, simulated = out["live"][key], out["summary"][key]
         assert simulated > 0 and out["relative_error"][key] == pytest.approx((simulated - live) / live), key
+    assert out["live_steps"]["steps"] > 1000  # the measured run's own steps against the model, to tell drift
+    errors = {k: round(out["relative_error"][k], 3) for k in ("mean_ttft_ms", "mean_e2el_ms", "output_throughput")}
+    assert all(abs(e) <= 0.10 for e in errors.values()), f"replay off by more than 10%: {errors}\n{printed}"

@@ -20,6 +20,10 @@ def test_the_linear_model_is_the_special_case():
     assert m.step_seconds(features(300, 40, 90_000, 10**9)) == pytest.approx(expected)
     with pytest.raises(ValueError):
         StepModel(-1e-3, 0, 0, 0)
+    with pytest.raises(ValueError, match="no time"):
+        StepModel(0, 0, 0, 1e-8)
+    # A fit may leave only the per-sequence term: every step has a sequence, so steps still take time.
+    assert StepModel(0, 0, 3e-6, 0).step_seconds(features(1, 1, 0)) == pytest.approx(3e-6)
 
 
 def test_h100_preset_meets_the_design_anchors():

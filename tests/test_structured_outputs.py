@@ -265,3 +265,22 @@ def test_sampler_applies_bitmask_rows_including_the_sign_bit():
     picks = [sample(logits, batch).token_ids for _ in range(30)]
     assert {p[0] for p in picks} == {3, 63}
     assert {p[1] for p in picks} == {int(logits[1].argmax())}
+
+
+@pytest.mark.parametrize("kind, value, valid, surrogate", [
+    ("json", json.dumps(SCHEMAS[0]), '{"name":"\u00e9\U0001f600","age":1,"role":"user","ok":true}',
+     b'{"name":"\xed\xa0\x80","age":1,"role":"user","ok":true}'),  # a bounded string (maxLength)
+    ("json_object", True, '{"k":"\u00e9"}', b'{"k":"\xed\xbf\xbf"}'),  # an unbounded one
+    ("regex", "[^a]+", "\u00e9", b"\xed\xa0\x80"),
+    ("grammar", 'root ::= "[^" [^b]', "[^\u00e9", b"[^\xed\xa0\x80"),  # a literal "[^" is left as it is
+])
+def test_xgrammar_negated_classes_exclude_utf8_surrogates(kind, value, valid, surrogate):
+    """xgrammar 0.2.9 lets a negated character class match the 3-byte encoding of a surrogate, which is
+    not UTF-8 (seen on the byte-level BPE tokenizer above: a name of maxLength 8 came out as 10
+    characters, three of them U+FFFD). The backend excludes them."""
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from engine.structured.xgrammar_backend import _grammar
+    grammar = _grammar(kind, value)
+    assert _is_grammar_accept_string(grammar, valid.encode())
+    assert not _is_grammar_accept_string(grammar, surrogate)

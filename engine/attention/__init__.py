@@ -31,15 +31,28 @@ class AttentionMetadata:
         return self.num_decodes == len(self.seq_lens_host)
 
 
-BACKENDS = ("flash-attn", "torch-flash", "triton", "torch")
+BACKENDS = ("flash-attn", "torch-flash", "triton", "torch")  # `auto` on a GPU tries them in this order
+CPU_BACKENDS = ("cpu", "torch")  # and on a CPU these
 
 
 def make_backend(name: str, device: torch.device, block_size: int = 16):
-    """The attention backend called `name`, or with `auto` the first of BACKENDS that works here."""
+    """The attention backend called `name`, or with `auto` the first of BACKENDS (CPU_BACKENDS on a CPU)
+    that works here."""
     from .torch_backend import TorchAttentionBackend
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"the cpu attention backend runs on CPU, not {device}")
+        from .cpu_backend import CpuAttentionBackend
+        return CpuAttentionBackend()
     if name == "auto":
+        if device.type == "cpu":
+            try:
+                return make_backend("cpu", device, block_size)
+            except Exception as e:  # noqa: BLE001 - a compiler error is any exception type; the reference works
+                log.warning("the cpu attention kernel is unavailable (%r); using the torch reference backend, "
+                            "which gathers a copy of the context every step", e)
         if device.type != "cuda":
             return TorchAttentionBackend()
         failures = []
@@ -59,4 +72,5 @@ def make_backend(name: str, device: torch.device, block_size: int = 16):
     if name in ("flash-attn", "torch-flash"):
         from . import flash_backend
         return flash_backend.make(name, block_size)
-    raise ValueError(f"unknown attention backend {name!r}; choose auto, {', '.join(BACKENDS)}")
+    choices = ", ".join(BACKENDS[:-1] + CPU_BACKENDS)
+    raise ValueError(f"unknown attention backend {name!r}; choose auto, {choices}")

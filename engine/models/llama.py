@@ -171,13 +171,16 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden)
         return (self.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
 
-    def prepack_weights(self) -> None:
-        """CPU: every linear layer's weight and the LM head's packed once for oneDNN (engine/models/linear.py).
-        After this the weights can no longer be loaded."""
+    def prepack_weights(self) -> list[torch.Tensor]:
+        """CPU: every linear layer's weight and the LM head's packed once for oneDNN (engine/models/linear.py);
+        returns the packed weights. After this the weights can no longer be loaded."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.prepack()
-        (self.embed_tokens if self.lm_head is None else self.lm_head).prepack_head(tied=self.lm_head is None)
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        head.prepack_head(tied=self.lm_head is None)
+        packed_head = head.weight if head.head_weight is None else head.head_weight
+        return [m.weight for m in self.modules() if isinstance(m, Linear)] + [packed_head]
 
     # ---- weights ----------------------------------------------------------------------------
     def weight_layout(self) -> dict[str, tuple[str, int, int, int, int]]:

@@ -73,6 +73,17 @@ def unenforced_feature(schema) -> str | None:
 # xgrammar 0.2.9 writes the characters of a length-bounded string (minLength/maxLength) as this class,
 # which lets raw control characters through: invalid JSON. Ours excludes them, as its unbounded strings do.
 BOUNDED_STRING_CHAR, JSON_STRING_CHAR = r'[^\"\\\r\n]', r'[^\0-\x1f\"\\]'
+# A negated class ([^...]) in xgrammar 0.2.9 also matches the UTF-8 encoding of a surrogate (U+D800 to
+# U+DFFF, e.g. bytes ED A0 80), which is not valid UTF-8: a byte-level tokenizer can then emit text
+# that decodes to replacement characters, longer than the grammar counted. So every negated class
+# outside a quoted literal gets the surrogates added to what it excludes.
+_LITERAL_OR_NEGATED_CLASS = re.compile(r'"(?:\\.|[^"\\])*"|\[\^((?:\\.|[^\]\\])*)\]')
+
+
+def _utf8_only(grammar: xgr.Grammar) -> xgr.Grammar:
+    def exclude_surrogates(m: re.Match) -> str:
+        return m.group(0) if m.group(1) is None else "[^" + m.group(1) + r"\uD800-\uDFFF]"
+    return xgr.Grammar.from_ebnf(_LITERAL_OR_NEGATED_CLASS.sub(exclude_surrogates, str(grammar)))
 
 
 def _json_grammar(schema: str) -> xgr.Grammar:
@@ -86,14 +97,14 @@ def _grammar(kind: str, value) -> xgr.Grammar:
                          "(--structured-outputs-backend guidance may)")
     try:
         if kind == "json":
-            return _json_grammar(value)
+            return _utf8_only(_json_grammar(value))
         if kind == "json_object":
-            return _json_grammar('{"type": "object"}')
+            return _utf8_only(_json_grammar('{"type": "object"}'))
         if kind == "regex":
-            return xgr.Grammar.from_regex(value)
+            return _utf8_only(xgr.Grammar.from_regex(value))
         if kind == "choice":
             return xgr.Grammar.from_ebnf(_choice_ebnf(value))
-        return xgr.Grammar.from_ebnf(value) if _is_ebnf(value) else xgr.Grammar.from_lark(value)
+        return _utf8_only(xgr.Grammar.from_ebnf(value) if _is_ebnf(value) else xgr.Grammar.from_lark(value))
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError subclasses alike
         raise ValueError(f"structured_outputs.{kind} is not supported by xgrammar: {_first_line(e)}") from None
 
