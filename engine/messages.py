@@ -170,6 +170,7 @@ class WorkerReady(msgspec.Struct, tag=True, kw_only=True):
     device: str = ""
     attention_backend: str = ""
     error: str | None = None  # the worker could not start: why
+    node: str = "local"  # where it runs: "local" (this machine), or its Ray node's id
 
 
 class WorkerFailed(msgspec.Struct, tag=True):

@@ -18,8 +18,9 @@ from .ipc import QueueSpec, ShmQueue
 from .messages import (Abort, FromWorker, GenerateRequest, LoadReport, Shutdown, StepOutputs, ToWorker,
                        TokenOutput, WorkerFailed, WorkerReady)
 
-if TYPE_CHECKING:  # importing it would import torch into the balancer, which imports this module
+if TYPE_CHECKING:  # importing them would import torch into the balancer, which imports this module
     from .config import EngineArgs
+    from .engine_core import EngineCore
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,18 @@ class WorkerSpec:
 def worker_main(spec: WorkerSpec) -> None:
     detach_from_terminal(f"halffull-w{spec.worker_id}")
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.worker_id} %(levelname)s %(message)s")
+    inq = ShmQueue.attach(spec.inbox, ToWorker)
+    outq = ShmQueue.attach(spec.outbox, FromWorker)
+    reportq = ShmQueue.attach(spec.reports, LoadReport)
+    engine, ready = load_engine(spec)
+    outq.put(ready)
+    if engine is not None:
+        Worker(spec.worker_id, spec.incarnation, engine, inq, outq, reportq).run()
+
+
+def load_engine(spec: WorkerSpec, node: str = "local") -> tuple[EngineCore | None, WorkerReady]:
+    """The worker's engine on its device, and the WorkerReady that announces it (or says why it could not
+    start: then no engine). `node`: where it runs, for /metrics (a Ray node id, engine/ray_worker.py)."""
     import torch
     torch.set_num_threads(spec.threads)
     device = spec.engine_args.resolved_device()
@@ -51,20 +64,14 @@ def worker_main(spec: WorkerSpec) -> None:
     from . import parallel
     from .engine_core import EngineCore
     parallel.EXIT_ON_RANK_DEATH = True
-
-    inq = ShmQueue.attach(spec.inbox, ToWorker)
-    outq = ShmQueue.attach(spec.outbox, FromWorker)
-    reportq = ShmQueue.attach(spec.reports, LoadReport)
-    which = dict(worker_id=spec.worker_id, incarnation=spec.incarnation, model=spec.model_path)
+    which = dict(worker_id=spec.worker_id, incarnation=spec.incarnation, model=spec.model_path, node=node)
     try:
         engine = EngineCore(spec.model_path, spec.engine_args, spec.worker_id)
     except Exception as e:  # noqa: BLE001 - reported to the server, which exits with it
-        outq.put(WorkerReady(**which, error=f"{type(e).__name__}: {e}"))
-        return
-    outq.put(WorkerReady(**which, num_kv_blocks=engine.kv.num_blocks, block_size=engine.kv.block_size,
-                         max_model_len=engine.max_model_len, device=str(engine.runner.device),
-                         attention_backend=engine.runner.backend.name))
-    Worker(spec.worker_id, spec.incarnation, engine, inq, outq, reportq).run()
+        return None, WorkerReady(**which, error=f"{type(e).__name__}: {e}")
+    return engine, WorkerReady(**which, num_kv_blocks=engine.kv.num_blocks, block_size=engine.kv.block_size,
+                               max_model_len=engine.max_model_len, device=str(engine.runner.device),
+                               attention_backend=engine.runner.backend.name)
 
 
 class Worker:

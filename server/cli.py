@@ -56,6 +56,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated CUDA device ids, one worker each (its first, under tensor parallelism)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks per worker, each holding a shard of the model (GPUs, or CPU processes over gloo)")
+    p.add_argument("--data-parallel-backend", "-dpb", default="mp", choices=["mp", "ray"],
+                   help="mp: workers are processes on this machine; ray: workers are engine actors on a Ray "
+                        "cluster (pip install -e '.[ray]'), each behind a local proxy process")
+    p.add_argument("--data-parallel-size-local", "-dpl", type=int, default=None,
+                   help="with the ray backend: how many of the --workers run on this machine as usual (the "
+                        "first ones; default 0), the rest on the Ray cluster")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="the Ray cluster's head (HOST:PORT; default $RAY_ADDRESS, else the cluster this "
+                        "machine is a node of)")
     p.add_argument("--structured-outputs-backend", default="auto", choices=["auto", "xgrammar", "guidance"],
                    help="grammar engine for structured outputs (auto: guidance, see BENCHMARKS.md)")
     p.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
@@ -92,6 +101,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"{', '.join(cors_flags)} without --allowed-origins: CORS is off unless origins are given")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         p.error("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.data_parallel_backend == "mp" and args.data_parallel_size_local is not None:
+        p.error("--data-parallel-size-local needs --data-parallel-backend ray (with mp every worker is local)")
+    if args.data_parallel_backend == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            p.error("--data-parallel-backend ray needs Ray: pip install -e '.[ray]'")
+        workers, local = args.workers or 1, args.data_parallel_size_local or 0
+        if not 0 <= local <= workers:
+            p.error(f"--data-parallel-size-local must be between 0 and --workers ({workers})")
+        if args.devices and len(args.devices.split(",")) != local:
+            p.error("with the ray backend, --devices lists the local workers' devices: one per "
+                    "--data-parallel-size-local")
     return args
 
 
@@ -107,14 +128,16 @@ def json_list(text: str) -> list[str]:
 
 
 def worker_devices(args) -> list[str]:
+    """The device of each worker on this machine (with the ray backend, of the local ones only)."""
     if args.devices:
         return [f"cuda:{d.strip()}" for d in args.devices.split(",")]
+    n = (args.workers or None) if args.data_parallel_backend == "mp" else args.data_parallel_size_local or 0
     import torch
     if torch.cuda.is_available():  # worker i's ranks on GPUs i*tp .. i*tp+tp-1
         tp, count = args.tensor_parallel_size, torch.cuda.device_count()
-        n = args.workers or max(1, count // tp)
+        n = max(1, count // tp) if n is None else n
         return [f"cuda:{i * tp % count}" for i in range(n)]
-    return ["cpu"] * (args.workers or 1)
+    return ["cpu"] * (1 if n is None else n)
 
 
 def main(argv=None) -> None:
@@ -154,18 +177,20 @@ def main(argv=None) -> None:
         cpu_parallel_min_gflop=args.cpu_parallel_min_gflop, cpu_prepack_weights=args.cpu_prepack_weights,
         step_log=args.step_log, structured_outputs_backend=args.structured_outputs_backend)
     devices = worker_devices(args)
+    ray_workers = (args.workers or 1) - len(devices) if args.data_parallel_backend == "ray" else 0
     tokenizer = load_tokenizer(model_path)
     vocab_size = json.loads((model_path / "config.json").read_text())["vocab_size"]
 
     @asynccontextmanager
     async def lifespan(app):
         client = EngineClient(str(model_path), engine_args, devices, args.balancer,
-                              knob_values(args, BALANCERS, args.balancer), args.seed, level)
+                              knob_values(args, BALANCERS, args.balancer), args.seed, level, ray_workers,
+                              args.ray_address or "auto")
         ready = await client.start()
         for r in ready:
-            log.info("worker %d ready on %s: %d KV blocks of %d tokens (%d tokens), attention %s, max_model_len %d",
-                     r.worker_id, r.device, r.num_kv_blocks, r.block_size, r.num_kv_blocks * r.block_size,
-                     r.attention_backend, r.max_model_len)
+            log.info("worker %d ready on %s (node %s): %d KV blocks of %d tokens (%d tokens), attention %s, "
+                     "max_model_len %d", r.worker_id, r.device, r.node, r.num_kv_blocks, r.block_size,
+                     r.num_kv_blocks * r.block_size, r.attention_backend, r.max_model_len)
         log.info("serving %s (%s) with %d worker(s), scheduler %s, balancer %s, at http://%s:%d/v1",
                  name, model_path, len(ready), args.scheduler, args.balancer, args.host, args.port)
         app.state.server_info = server_settings(args, engine_args, ready, str(model_path))

@@ -53,14 +53,17 @@ class WorkerSlot:
     alive: bool = False
     restarts: int = 0
     node: str = "local"  # the node the worker runs on, as /metrics labels it
+    on_ray: bool = False  # an engine actor on a Ray cluster, behind a local proxy process
 
 
 class EngineClient:
     def __init__(self, model_path: str, engine_args, devices: list[str], balancer: str, balancer_knobs: dict,
-                 seed: int = 0, log_level: int = logging.INFO):
-        """One worker per entry of `devices` ("cuda:0", "cpu", ...)."""
-        num_workers = len(devices)
+                 seed: int = 0, log_level: int = logging.INFO, ray_workers: int = 0, ray_address: str | None = None):
+        """One worker per entry of `devices` ("cuda:0", "cpu", ...), on this machine; then `ray_workers`
+        more on the Ray cluster at `ray_address` (engine/ray_worker.py)."""
+        num_workers = len(devices) + ray_workers
         self.devices = devices
+        self.ray_address = ray_address
         self.model_path, self.engine_args, self.log_level = model_path, engine_args, log_level
         self.ctx = mp.get_context("spawn")
         orphaned = remove_orphaned_segments()
@@ -69,7 +72,8 @@ class EngineClient:
         self.to_balancer = ShmQueue.create(QUEUE_BYTES, ToBalancer)
         self.from_balancer = ShmQueue.create(QUEUE_BYTES, FromBalancer)
         self.workers = [WorkerSlot(i, ShmQueue.create(QUEUE_BYTES, ToWorker), ShmQueue.create(QUEUE_BYTES, FromWorker),
-                                   ShmQueue.create(1 << 20, LoadReport)) for i in range(num_workers)]
+                                   ShmQueue.create(1 << 20, LoadReport), on_ray=i >= len(devices))
+                        for i in range(num_workers)]
         self.balancer_spec = BalancerSpec(balancer, balancer_knobs, seed, self.to_balancer.spec,
                                           self.from_balancer.spec, [w.to_worker.spec for w in self.workers],
                                           [w.reports.spec for w in self.workers], log_level)
@@ -83,7 +87,7 @@ class EngineClient:
         self.closing = False
         self.drain_deadline: float | None = None  # set once shutdown began: when in-flight requests are failed
         self.down_acks: dict[int, asyncio.Future] = {}
-        self.threads = cpu_threads_per_worker(num_workers)
+        self.threads = cpu_threads_per_worker(len(devices))
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> list[WorkerReady]:
@@ -111,12 +115,18 @@ class EngineClient:
 
     def _spawn(self, w: WorkerSlot) -> None:
         w.incarnation += 1
+        # A Ray worker's actor finds its device on its node.
+        engine_args = self.engine_args if w.on_ray else dataclasses.replace(self.engine_args,
+                                                                            device=self.devices[w.worker_id])
         spec = WorkerSpec(worker_id=w.worker_id, incarnation=w.incarnation, model_path=str(self.model_path),
-                          engine_args=dataclasses.replace(self.engine_args, device=self.devices[w.worker_id]),
-                          threads=self.threads, inbox=w.to_worker.spec, outbox=w.from_worker.spec,
-                          reports=w.reports.spec, log_level=self.log_level)
-        w.process = self.ctx.Process(target=worker_main, name=f"halffull-worker{w.worker_id}", daemon=True,
-                                     args=(spec,))
+                          engine_args=engine_args, threads=self.threads, inbox=w.to_worker.spec,
+                          outbox=w.from_worker.spec, reports=w.reports.spec, log_level=self.log_level)
+        if w.on_ray:
+            from engine.ray_worker import ray_worker_main
+            target, args = ray_worker_main, (spec, self.ray_address)
+        else:
+            target, args = worker_main, (spec,)
+        w.process = self.ctx.Process(target=target, name=f"halffull-worker{w.worker_id}", daemon=True, args=args)
         w.process.start()
 
     async def _await_ready(self, w: WorkerSlot) -> WorkerReady:
@@ -143,7 +153,7 @@ class EngineClient:
                 loop.add_reader(w.process.sentinel, self._worker_died, w)
 
     def _ready(self, w: WorkerSlot, ready: WorkerReady) -> None:
-        w.ready, w.alive = ready, ready.error is None
+        w.ready, w.alive, w.node = ready, ready.error is None, ready.node
         if w.alive:  # until its first load report (it sends none while idle), /metrics shows an empty worker
             self.reports[w.worker_id] = LoadReport(w.worker_id, SchedulerStats(kv_blocks_total=ready.num_kv_blocks),
                                                    incarnation=ready.incarnation)

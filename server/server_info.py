@@ -27,7 +27,7 @@ def server_settings(args, engine_args, ready: list, model_path: str) -> dict:
         "balancer_knobs": dataclasses.asdict(bal_knobs),
         "seed": args.seed,
         "workers": [{"worker_id": r.worker_id, "device": r.device, "num_kv_blocks": r.num_kv_blocks,
-                     "attention_backend": r.attention_backend} for r in ready],
+                     "attention_backend": r.attention_backend, "node": r.node} for r in ready],
         "num_workers": len(ready),
         "num_kv_blocks": first.num_kv_blocks,
         "block_size": first.block_size,
