@@ -35,12 +35,12 @@ def test_packed_and_reference_linear_match_transformers(tiny_models, tied_llama,
 
 def test_packed_rows_are_padded_to_few_buckets():
     buckets = [bucket_rows(n) for n in range(1, 513)]
-    assert all(n <= b < 1.125 * n for n, b in zip(range(1, 513), buckets))
+    assert all(n <= b < 1.0625 * n for n, b in zip(range(1, 513), buckets))
     assert buckets == sorted(buckets) and bucket_rows(512) == 512
-    assert len(set(buckets)) == 56  # oneDNN kernels a server warms up per weight shape, not 512
+    assert len(set(buckets)) == 96  # oneDNN kernels a server builds per weight shape, not 512
     weight = torch.randn(40, 24)
     packed = pack(weight)
-    for n in (1, 17, 33, 100):  # padded (17 -> 18, 33 -> 36, 100 -> 104) and not: only the n rows come back
+    for n in (1, 33, 67, 100):  # padded (33 -> 34, 67 -> 68, 100 -> 104) and not: only the n rows come back
         x = torch.randn(n, 24)
         out = linear(x, packed)
         assert out.shape == (n, 40)

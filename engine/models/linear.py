@@ -11,10 +11,12 @@ use it; the tied LM head keeps a packed copy beside the embedding table it share
 
 The cost: oneDNN builds a kernel per weight shape and per number of rows (about 0.8 MB each; 256 row
 counts over three weight shapes grew a process by 640 MB). So the rows are padded up to one of a few
-sizes (`bucket_rows`: exact up to 16, then eight sizes per doubling, less than 12.5% padding; 56 sizes
+sizes (`bucket_rows`: exact up to 32, then sixteen sizes per doubling, less than 6.25% padding; 96 sizes
 up to 512 rows; four per doubling padded the ~100M model's mixed steps by 21%, which cost more than the
-packing saved) and `warm_up` builds every kernel a server can need before it takes requests, which keeps
-its memory flat (the ~100M model: 130 MB and 5 s at start-up; the demo model: nothing measurable).
+packing saved). That bounds the memory (the ~100M model's five weight shapes at every size up to 512:
+131 MB), and `warm_up` builds the kernels of the smaller sizes before the server takes requests, as many
+as WARM_UP_FLOPS of products allow (all of them for the demo model), so that steady serving meets no new
+ones; the rest are built on first use.
 `--no-cpu-prepack-weights` keeps F.linear."""
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def bucket_rows(n: int) -> int:
-    """The number of rows a packed product runs on: n up to 16, then n rounded up to an eighth of its
-    power of two (18, 20, ..., 32, 36, 40, ...), so a server meets a few dozen row counts, not hundreds."""
-    step = 1 << max(0, n.bit_length() - 4)
+    """The number of rows a packed product runs on: n up to 32, then n rounded up to a sixteenth of its
+    power of two (34, 36, ..., 64, 68, 72, ...), so a server meets at most 96 row counts up to 512."""
+    step = 1 << max(0, n.bit_length() - 5)
     return -(-n // step) * step
 
 
@@ -53,11 +55,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+# Start-up budget for warm_up: about a second of products on one core. Building every size up to 512
+# would cost the ~100M model 9 s and a 1B one minutes.
+WARM_UP_FLOPS = 100e9
+
+
 def warm_up(weights: list[torch.Tensor], max_rows: int) -> None:
-    """Run every packed weight shape once at every row count up to max_rows: oneDNN builds its kernels
-    now, not under load, and the process does not grow later."""
+    """Run every packed weight shape once at each row count up to max_rows, smallest first, within
+    WARM_UP_FLOPS: oneDNN builds those kernels now, not under load."""
     shapes = {(w.shape[0], w.shape[1], w.dtype): w for w in weights if w.is_mkldnn}
+    flops_per_row = sum(2 * out_features * in_features for out_features, in_features, _ in shapes)
+    spent = 0
     for n in sorted({bucket_rows(n) for n in range(1, max_rows + 1)}):
+        spent += n * flops_per_row
+        if spent > WARM_UP_FLOPS:
+            return
         for (_, in_features, dtype), w in shapes.items():
             linear(torch.zeros(n, in_features, dtype=dtype), w)
 
