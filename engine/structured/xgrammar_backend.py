@@ -80,15 +80,16 @@ BOUNDED_STRING_CHAR, JSON_STRING_CHAR = r'[^\"\\\r\n]', r'[^\0-\x1f\"\\]'
 _LITERAL_OR_NEGATED_CLASS = re.compile(r'"(?:\\.|[^"\\])*"|\[\^((?:\\.|[^\]\\])*)\]')
 
 
-def _utf8_only(grammar: xgr.Grammar) -> xgr.Grammar:
+def _utf8_only(ebnf: str) -> xgr.Grammar:
+    """The grammar of this EBNF text, its negated classes excluding the surrogates."""
     def exclude_surrogates(m: re.Match) -> str:
         return m.group(0) if m.group(1) is None else "[^" + m.group(1) + r"\uD800-\uDFFF]"
-    return xgr.Grammar.from_ebnf(_LITERAL_OR_NEGATED_CLASS.sub(exclude_surrogates, str(grammar)))
+    return xgr.Grammar.from_ebnf(_LITERAL_OR_NEGATED_CLASS.sub(exclude_surrogates, ebnf))
 
 
 def _json_grammar(schema: str) -> xgr.Grammar:
     ebnf = str(xgr.Grammar.from_json_schema(schema, **JSON_OPTIONS))
-    return xgr.Grammar.from_ebnf(ebnf.replace(BOUNDED_STRING_CHAR, JSON_STRING_CHAR))
+    return _utf8_only(ebnf.replace(BOUNDED_STRING_CHAR, JSON_STRING_CHAR))
 
 
 def _grammar(kind: str, value) -> xgr.Grammar:
@@ -97,14 +98,14 @@ def _grammar(kind: str, value) -> xgr.Grammar:
                          "(--structured-outputs-backend guidance may)")
     try:
         if kind == "json":
-            return _utf8_only(_json_grammar(value))
+            return _json_grammar(value)
         if kind == "json_object":
-            return _utf8_only(_json_grammar('{"type": "object"}'))
+            return _json_grammar('{"type": "object"}')
         if kind == "regex":
-            return _utf8_only(xgr.Grammar.from_regex(value))
+            return _utf8_only(str(xgr.Grammar.from_regex(value)))
         if kind == "choice":
             return xgr.Grammar.from_ebnf(_choice_ebnf(value))
-        return _utf8_only(xgr.Grammar.from_ebnf(value) if _is_ebnf(value) else xgr.Grammar.from_lark(value))
+        return _utf8_only(str(xgr.Grammar.from_ebnf(value) if _is_ebnf(value) else xgr.Grammar.from_lark(value)))
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError subclasses alike
         raise ValueError(f"structured_outputs.{kind} is not supported by xgrammar: {_first_line(e)}") from None
 
