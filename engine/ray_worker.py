@@ -31,9 +31,8 @@ import ray
 
 from scheduling import SchedulerStats
 
-from .ipc import ShmQueue
-from .messages import Abort, FromWorker, GenerateRequest, LoadReport, ToWorker, TokenOutput, WorkerReady
-from .worker import Worker, WorkerSpec, detach_from_terminal, load_engine
+from .messages import Abort, GenerateRequest, LoadReport, ToWorker, TokenOutput, WorkerReady
+from .worker import Worker, WorkerSpec, attach_worker_process, load_engine
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +120,7 @@ def watch_node(node: str) -> None:
 
 
 def ray_worker_main(spec: WorkerSpec, ray_address: str) -> None:
-    detach_from_terminal(f"halffull-w{spec.worker_id}")
-    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.worker_id} %(levelname)s %(message)s")
-    inq = ShmQueue.attach(spec.inbox, ToWorker)
-    outq = ShmQueue.attach(spec.outbox, FromWorker)
-    reportq = ShmQueue.attach(spec.reports, LoadReport)
+    inq, outq, reportq = attach_worker_process(spec)
     ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False)
     ranks = spec.engine_args.tensor_parallel_size
     gpu = ray.cluster_resources().get("GPU", 0) > 0

@@ -39,12 +39,17 @@ class WorkerSpec:
     log_level: int = logging.INFO
 
 
-def worker_main(spec: WorkerSpec) -> None:
+def attach_worker_process(spec: WorkerSpec) -> tuple[ShmQueue, ShmQueue, ShmQueue]:
+    """A worker process's start, local or Ray proxy: detached from the terminal, logging as its worker,
+    attached to its queues (in, out, load reports)."""
     detach_from_terminal(f"halffull-w{spec.worker_id}")
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.worker_id} %(levelname)s %(message)s")
-    inq = ShmQueue.attach(spec.inbox, ToWorker)
-    outq = ShmQueue.attach(spec.outbox, FromWorker)
-    reportq = ShmQueue.attach(spec.reports, LoadReport)
+    return (ShmQueue.attach(spec.inbox, ToWorker), ShmQueue.attach(spec.outbox, FromWorker),
+            ShmQueue.attach(spec.reports, LoadReport))
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    inq, outq, reportq = attach_worker_process(spec)
     engine, ready = load_engine(spec)
     outq.put(ready)
     if engine is not None:
