@@ -102,11 +102,10 @@ class EngineArgs:
     enforce_eager: bool = False
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
     tensor_parallel_size: int = 1  # ranks (processes, GPUs) per worker, each holding a shard of the model
-    # CPU: a step with at least this much matmul work (GFLOP) computes on all the worker's intra-op threads,
-    # a smaller one on one thread fewer, leaving that core to the HTTP server (see ModelRunner.step_threads).
-    # None (the default): no step takes the last core; measured on a shared 2-core machine, steps on both
-    # cores ran several times slower.
-    cpu_parallel_min_gflop: float | None = None
+    # CPU: a step with at least this much matmul work per token (GFLOP) computes on all the worker's intra-op
+    # threads, a lighter one on one thread fewer, leaving that core to the HTTP server (see
+    # ModelRunner.step_threads). None: no step takes the last core.
+    cpu_parallel_min_gflop_per_token: float | None = 0.05
     # CPU: linear weights packed once for oneDNN, rows padded to a few sizes whose kernels are built at
     # start-up (engine/models/linear.py). False: F.linear.
     cpu_prepack_weights: bool = True

@@ -193,16 +193,18 @@ class ModelRunner:
         return self.sample_and_score(plan.chunks, step, self.forward(step), bitmasks)
 
     def step_threads(self, layout: BatchLayout) -> int:
-        """Intra-op threads for a CPU step: all the worker's for a step with enough matmul work, one fewer
-        for a smaller one. The server streams the last step's tokens and takes new requests on the last
-        core while a step runs; a thread pool that needs that core too waits for it at every fork-join.
-        Measured on the shared 2-core machine, steps on both cores ran 3-10x slower than on one (BENCHMARKS.md,
-        "Threads per step"), so by default no step takes the last core."""
-        threshold = self.args.cpu_parallel_min_gflop
+        """Intra-op threads for a CPU step: all the worker's for a step with enough matmul work per token,
+        one fewer for a lighter one. The server's CPU work is per token (about 0.1 ms to stream one on this
+        repository's 2-core machine), and it runs on the last core while a step runs; a thread pool that
+        needs that core too waits for it at every fork-join. The demo model (0.006 GFLOP per token, 0.06 ms
+        of one core) lost on two threads: the server needs the core. A ~100M model (0.15-0.2 GFLOP,
+        2 ms per token) leaves it idle most of the time, and gained 1.4-1.8x output tok/s with all steps on
+        both cores (BENCHMARKS.md, "Threads per step")."""
+        threshold = self.args.cpu_parallel_min_gflop_per_token
         if threshold is None:
             return self.max_threads - 1
-        gflop = (self.flops_per_token * layout.num_tokens + self.flops_per_sample * layout.num_sampled) / 1e9
-        return self.max_threads if gflop >= threshold else self.max_threads - 1
+        flops = self.flops_per_token * layout.num_tokens + self.flops_per_sample * layout.num_sampled
+        return self.max_threads if flops / layout.num_tokens >= threshold * 1e9 else self.max_threads - 1
 
     def _fit_inputs(self, num_tokens: int, num_seqs: int) -> None:
         if num_tokens > self.inputs.max_tokens or num_seqs > self.inputs.max_seqs:

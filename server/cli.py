@@ -47,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-prepack-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: multiply with oneDNN over weights packed at load time (the default; faster than "
                         "F.linear at small batches, costs start-up time and ~1 MB per weight shape and row bucket)")
-    p.add_argument("--cpu-parallel-min-gflop", type=float, default=None,
-                   help="CPU: steps with at least this much matmul work run on all the worker's cores, smaller "
-                        "ones leave one core to the server (default: every step leaves it; 0: no step does)")
+    p.add_argument("--cpu-parallel-min-gflop-per-token", type=float, default=0.05,
+                   help="CPU: steps with at least this much matmul work per token (the model's size, about: 0.05 is "
+                        "a 25M-parameter model) run on all the worker's cores, lighter ones leave one core to the "
+                        "server, whose work is per token (default 0.05; 0: every step takes all cores)")
     p.add_argument("--workers", type=int, default=None,
                    help="engine workers (default: one per GPU, or per --tensor-parallel-size GPUs; else 1)")
     p.add_argument("--devices", default=None,
@@ -174,7 +175,8 @@ def main(argv=None) -> None:
         output_length=args.output_length,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
-        cpu_parallel_min_gflop=args.cpu_parallel_min_gflop, cpu_prepack_weights=args.cpu_prepack_weights,
+        cpu_parallel_min_gflop_per_token=args.cpu_parallel_min_gflop_per_token,
+        cpu_prepack_weights=args.cpu_prepack_weights,
         step_log=args.step_log, structured_outputs_backend=args.structured_outputs_backend)
     devices = worker_devices(args)
     ray_workers = (args.workers or 1) - len(devices) if args.data_parallel_backend == "ray" else 0

@@ -1,8 +1,11 @@
 """The CPU paths: weights packed once for oneDNN (the default) against the plain F.linear reference (both
-token-exact with transformers), row counts padded to a few buckets, and intra-op threads chosen per step: all the worker's threads for a step with enough
-matmul work, one fewer for a small one (ModelRunner.step_threads)."""
+token-exact with transformers), row counts padded to a few buckets, and intra-op threads chosen per step: all the
+worker's threads for a step with enough matmul work per token, one fewer for a lighter one
+(ModelRunner.step_threads)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,12 +50,11 @@ def test_packed_rows_are_padded_to_few_buckets():
         torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
 
 
-def test_threads_follow_the_step_size(tiny_models, monkeypatch):
+def test_threads_follow_the_work_per_token(tiny_models, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        # The tiny model: ~0.15M matmul flops per token; a 200-token prefill is ~0.03 GFLOP, a decode far less.
-        llm = LLM(str(tiny_models["llama"]), dtype="float32", num_kv_blocks=64, cpu_parallel_min_gflop=0.02)
+        llm = LLM(str(tiny_models["llama"]), dtype="float32", num_kv_blocks=64)
         runner = llm.engine.runner
         assert runner.max_threads == 2
         used = []
@@ -62,10 +64,17 @@ def test_threads_follow_the_step_size(tiny_models, monkeypatch):
             used.append((layout.num_tokens, step_threads(self, layout)))
             return used[-1][1]
         monkeypatch.setattr(ModelRunner, "step_threads", recording)
-        out = llm.generate([list(range(3, 203))], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        prompt, params = [list(range(3, 203))], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        llm.generate(prompt, params)
+        assert used == [(200, 1), (1, 1), (1, 1)], "the default leaves a tiny model's server its core"
+        # A threshold between the prefill's work per token (its matmuls, one LM-head row for 200 tokens)
+        # and a decode's (matmuls and a whole LM-head row per token).
+        per_token = (runner.flops_per_token + runner.flops_per_sample / 2) / 1e9
+        runner.args = replace(runner.args, cpu_parallel_min_gflop_per_token=per_token)
+        used.clear()
+        out = llm.generate([list(range(4, 204))], params)  # another prompt: no prefix-cache hit
         assert len(out[0].token_ids) == 3
-        assert used[0] == (200, 2), "the prefill has the work for both threads"
-        assert used[1:] == [(1, 1), (1, 1)], "decodes of one sequence leave a core free"
-        assert torch.get_num_threads() == 1  # set for the last step
+        assert used == [(200, 1), (1, 2), (1, 2)], "decodes have the work per token for both threads"
+        assert torch.get_num_threads() == 2  # set for the last step
     finally:
         torch.set_num_threads(previous)
