@@ -198,7 +198,7 @@ class ModelRunner:
         repository's 2-core machine), and it runs on the last core while a step runs; a thread pool that
         needs that core too waits for it at every fork-join. The demo model (0.006 GFLOP per token, 0.06 ms
         of one core) lost on two threads: the server needs the core. A ~100M model (0.15-0.2 GFLOP,
-        2 ms per token) leaves it idle most of the time, and gained 1.4-1.8x output tok/s with all steps on
+        2 ms per token) leaves it idle most of the time, and gained 1.5-1.8x output tok/s with its steps on
         both cores (BENCHMARKS.md, "Threads per step")."""
         threshold = self.args.cpu_parallel_min_gflop_per_token
         if threshold is None:
