@@ -47,6 +47,12 @@ HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
 # log (the slowest step of thousands) stands for the top half percent, not for the whole top percent.
 # Drawing from them (flat beyond the ends) averages exactly their mean.
 SPREAD = (np.arange(100) + 0.5) / 100
+# The machine's speed is fitted and drawn per window of this much wall time. On this repository's 2-core
+# machine the same steps ran up to 20% faster or slower from one window to the next, on both workers at
+# once and hardly with the load: per 2 s, a standard deviation of 7-9% about the model, correlated 0.6
+# with the next window's (BENCHMARKS.md, "Simulator against the live server").
+SPEED_WINDOW_S = 2.0
+MIN_WINDOW_STEPS = 20  # a window with fewer steps (the gaps between runs) gives no speed
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,9 @@ class StepModel:
     # measured over predicted time (scaled to mean 1), and each request's server path times. A
     # queue waits on the spread as well as on the mean. Empty: every step and request costs the mean.
     step_spread: tuple[float, ...] = ()
+    # The machine's speed, one factor per SPEED_WINDOW_S of wall time shared by every worker's steps in it
+    # (mean 1): a slow stretch slows every step of the requests it holds, which per-step draws average out.
+    speed_spread: tuple[float, ...] = ()
     request_spread: tuple[float, ...] = ()
     first_token_spread: tuple[float, ...] = ()
     token_spread: tuple[float, ...] = ()
@@ -86,11 +95,11 @@ class StepModel:
         return self.c0 + self.c2 * f.num_seqs + memory + compute - self.overlap * min(memory, compute)
 
     def draw(self, term: str, rng: np.random.Generator) -> float:
-        """One sample of `term` ("step": the factor on a step's time; "request", "first_token",
+        """One sample of `term` ("step", "speed": factors on a step's time; "request", "first_token",
         "token": a server path time) from its spread; without one, its mean."""
         spread = getattr(self, f"{term}_spread")
         if not spread:
-            return 1.0 if term == "step" else getattr(self, f"{term}_s")
+            return 1.0 if term in ("step", "speed") else getattr(self, f"{term}_s")
         return float(np.interp(rng.random(), SPREAD, spread))
 
     @classmethod
@@ -301,6 +310,24 @@ def _errors(model: StepModel, x: np.ndarray, y: np.ndarray) -> dict:
             "total_time_rel_error": float((pred.sum() - y.sum()) / y.sum())}
 
 
+def _unit_spread(factors: np.ndarray) -> tuple[float, ...]:
+    q = np.asarray(spread_of(factors))
+    return tuple(map(float, q / q.mean()))
+
+
+def window_speeds(rows: list[dict], seconds: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The machine's speed per SPEED_WINDOW_S of wall time (the measured over the predicted time of every
+    worker's steps that started in it, for windows of at least MIN_WINDOW_STEPS steps), and each step's:
+    its window's, or 1 where its window has too few steps or the log has no start times."""
+    if any("start" not in r for r in rows):
+        return np.ones(0), np.ones(len(rows))
+    start = np.array([r["start"] for r in rows])
+    window = ((start - start.min()) // SPEED_WINDOW_S).astype(int)
+    full = np.bincount(window) >= MIN_WINDOW_STEPS
+    speed = np.bincount(window, seconds) / np.maximum(np.bincount(window, predicted), 1e-12)
+    return speed[full], np.where(full[window], speed[window], 1.0)
+
+
 def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel, dict]:
     """The step terms from step-log rows; `overlap` None: the grid value with the least held-out error."""
     x, y = step_targets(rows)
@@ -318,9 +345,10 @@ def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel
     gaps = loop_gaps(rows)
     loop_s, loop_se = _mean_se(gaps) if gaps.size else (0.0, None)
     model = _model(coef, best_overlap, loop_s=loop_s)
-    pred = _predict(model, x)
-    factor = np.asarray(spread_of(y / np.maximum(pred, 1e-9)))
-    model = dataclasses.replace(model, step_spread=tuple(map(float, factor / factor.mean())))
+    pred = np.maximum(_predict(model, x), 1e-9)
+    windows, speed = window_speeds(rows, y, pred)
+    model = dataclasses.replace(model, step_spread=_unit_spread(y / pred / speed),
+                                speed_spread=_unit_spread(windows) if len(windows) > 1 else ())
     # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
     memory = model.weights_s + model.c3 * x[:, 2]
     a = _design(x, best_overlap, memory >= model.c1 * x[:, 0] + model.c4 * x[:, 3])
@@ -482,7 +510,7 @@ def print_fit(model: StepModel, quality: dict) -> None:
                   f"{t['total_time_rel_error']:+.1%}")
     for name in SPREADS:
         if spread := getattr(model, name):
-            unit, scale = ("x mean", 1) if name == "step_spread" else ("ms", 1e3)
+            unit, scale = ("x mean", 1) if name in ("step_spread", "speed_spread") else ("ms", 1e3)
             console.print(f"{name}: p10 {spread[10] * scale:.3g}, p50 {spread[50] * scale:.3g}, "
                           f"p90 {spread[90] * scale:.3g}, p99.5 {spread[99] * scale:.3g} {unit}")
     if "paired_requests" in quality:

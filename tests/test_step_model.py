@@ -97,3 +97,21 @@ def test_offline_llm_writes_a_step_log_the_fit_reads(tmp_path, tiny_models):
     assert sorted(got.values()) == [40] * 4  # one token per step that finished a chunk, 40 each
     assert rows[1]["gap_s"] is not None and rows[1]["busy_before"]
     json.dumps(fit_steps(rows)[0].as_dict())  # enough varied steps to fit
+
+
+def test_fit_separates_the_machine_speed_per_window_from_the_per_step_spread():
+    true = StepModel(2e-3, 3e-4, 1e-3, 1e-6, c4=5e-7)
+    rows = synthetic_log(true, 2000, seed=2)
+    # 40 steps per SPEED_WINDOW_S (2 s) of wall time, the machine alternately 20% slower and faster.
+    for i, r in enumerate(rows):
+        r["start"] = 1000.0 + i * 0.05
+        r["seconds"] *= 1.2 if (i // 40) % 2 else 0.8
+    model, _ = fit_steps(rows)
+    speed = np.array(model.speed_spread)
+    assert speed.mean() == pytest.approx(1.0)
+    assert speed[:45] == pytest.approx(0.8, rel=0.02) and speed[55:] == pytest.approx(1.2, rel=0.02)
+    step = np.array(model.step_spread)
+    assert step[1] > 0.95 and step[-2] < 1.05, "what the windows explain (20%) is not in the per-step spread"
+    # Without start times (older logs) there is no speed to fit, and the simulator's speed is 1.
+    model, _ = fit_steps([{k: v for k, v in r.items() if k != "start"} for r in rows])
+    assert model.speed_spread == () and model.draw("speed", np.random.default_rng(0)) == 1.0
