@@ -21,6 +21,11 @@ the client reading it (queues, detokenization, SSE; the first chunk also starts 
 the last one ends the stream). The fit takes each from the server's own timestamps: its mean, and
 its spread (percentiles), which the replay draws from per request, as it draws each step's time.
 
+A step's time spreads two ways, fitted apart: the machine's speed over a window of SPEED_WINDOW_S
+(`speed_spread`: every worker's steps in a window over the model's prediction for them; the simulator
+draws one factor per window for all workers, so a slow stretch slows every step of the requests it
+holds) and each step about its window (`step_spread`).
+
 `simulate fit --step-log DIR --results RUN_DIR [--results RUN_DIR ...] --output MODEL.json` fits
 the step terms by least squares on the workers' step logs (engine/step_log.py) of those runs and
 the server's terms on the runs' own timestamps (the open-loop runs', if any), prints each coefficient with its standard error and
