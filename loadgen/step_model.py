@@ -54,7 +54,7 @@ HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
 SPREAD = (np.arange(100) + 0.5) / 100
 # The machine's speed is fitted and drawn per window of this much wall time. On this repository's 2-core
 # machine the same steps ran up to 20% faster or slower from one window to the next, on both workers at
-# once and hardly with the load: per 2 s, a standard deviation of 7-9% about the model, correlated 0.6
+# once and not with the load: per 2 s, a standard deviation of 7-12% about the model, correlated 0.5-0.7
 # with the next window's (BENCHMARKS.md, "Simulator against the live server").
 SPEED_WINDOW_S = 2.0
 MIN_WINDOW_STEPS = 20  # a window with fewer steps (the gaps between runs) gives no speed
@@ -161,20 +161,18 @@ def h100_llama3_8b() -> tuple[StepModel, int, int]:
 
 def cpu_demo() -> tuple[StepModel, int, int]:
     """The built-in demo model served by `python -m server --workers 2` on a 2-core CPU machine (one
-    intra-op thread per worker, torch attention): the step model, the KV tokens per worker (8192
-    blocks of 16) and the demo's context length.
+    intra-op thread per worker, the C++ paged-attention kernel, weights packed for oneDNN): the step
+    model, the KV tokens per worker (8192 blocks of 16) and the demo's context length.
 
-    Fitted on 2026-12-01 by `simulate fit --step-log` on 17,192 steps of three loadgen runs of Azure
-    conversation requests (full-length and clamped to 256 tokens; rates 2 to 4/s), server path from
-    the 200 requests of the rate-3 run. The machine was shared with four other helpers' builds and
-    tests (load average 4 to 9 on 2 cores), so the steps were slowed and noisy: the fit's error on
-    held-out steps is large per step (mean |error| 94%) while their total time is within 3%.
-    Refit on a quiet machine before trusting absolute figures. Fitted before the worker loop
-    (loop_s) and the first token's path (first_token_s) were terms of their own: its token_s is the
-    mean of a first and a last token's path, and its steps include the loop.
+    Fitted on 2026-12-01 (13:51 UTC, the machine otherwise idle) by `benchmarks/replay_accuracy.py`'s
+    fcfs server: `simulate fit` on the 9,696 steps of its capacity run (16 in flight) and its Poisson
+    run at 60% of capacity (Azure conversation requests clamped to 256 tokens, SAL), the server path
+    from the latter's 100 requests. Held-out steps: mean |error| 21% per step, total time +1.5%. The
+    means only: a fit's spreads (per step, and the machine's speed per window) are not part of the
+    preset, so its steps take exactly the model's time.
     """
-    model = StepModel(c0=0.0, c1=3.717e-4, c2=3.604e-3, c3=1.621e-6, c4=4.846e-7, weights_s=1.245e-3, overlap=1.0,
-                      request_s=3.33e-3, token_s=1.594e-2)
+    model = StepModel(c0=0.0, c1=1.209e-4, c2=3.036e-4, c3=0.0, c4=8.24e-9, weights_s=3.531e-3, overlap=0.75,
+                      loop_s=5.30e-4, request_s=3.51e-3, first_token_s=7.24e-3, token_s=2.73e-3)
     return model, 8192 * 16, 4096
 
 
