@@ -2,7 +2,8 @@
 `benchmarks/replay_accuracy.py --output DIR` run, per scheduler (one server each):
 
 - per run (capacity, fit, each measured load): the mean execute time of the same work, decode steps of
-  1-3 sequences, and the run's total step time over a step model fitted on the first two runs;
+  1-3 sequences, the run's total step time over a step model fitted on the first two runs, and the
+  run's own server path (request_s, first_token_s: what `simulate fit` takes from the fit run);
 - the speed per window of W seconds (every worker's steps over the model fitted on the whole log):
   its standard deviation, its correlation with the next window's, and with the window's output
   token rate (the HTTP process's work).
@@ -13,24 +14,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loadgen.step_model import _predict, fit_steps, read_step_logs, step_targets  # noqa: E402
+from loadgen.report import load_results  # noqa: E402
+from loadgen.step_model import _predict, fit_steps, read_step_logs, server_path, step_targets  # noqa: E402
 
 
-def run_windows(server: Path) -> dict[str, tuple[float, float]]:
-    windows = {}
-    for d in sorted(server.iterdir()):
-        if (d / "results.json").is_file() and not d.name.startswith("replay"):
-            results = json.loads((d / "results.json").read_text())
-            t0 = results["config"]["t0_monotonic"]
-            windows[d.name] = (t0 - 1.0, t0 + results["summary"]["duration"] + 1.0)
-    return windows
+def runs_of(server: Path) -> dict[str, dict]:
+    return {d.name: load_results(d) for d in sorted(server.iterdir())
+            if (d / "results.json").is_file() and not d.name.startswith("replay")}
 
 
 def main() -> None:
@@ -40,16 +36,21 @@ def main() -> None:
     args = p.parse_args()
     for server in sorted(d for d in args.output.iterdir() if (d / "steps").is_dir()):
         rows = read_step_logs(server / "steps")
-        runs = run_windows(server)
-        within = {name: [r for r in rows if a <= r["start"] <= b] for name, (a, b) in runs.items()}
+        runs = runs_of(server)
+        within = {}
+        for name, results in runs.items():
+            t0 = results["config"]["t0_monotonic"]
+            within[name] = [r for r in rows if t0 - 1.0 <= r["start"] <= t0 + results["summary"]["duration"] + 1.0]
         fitted, _ = fit_steps(within["capacity"] + within["fit"])
         print(f"== {server.name}")
         for name, run in within.items():
             x, y = step_targets(run)
             small = np.array([r["num_seqs"] < 4 and r["prefill_tokens"] == 0 for r in run])
             execute = np.array([r["execute_s"] for r in run])
+            path = server_path(run, [runs[name]])
             print(f"  {name:14s} decodes of 1-3 sequences: {execute[small].mean() * 1e3:.2f} ms execute; "
-                  f"steps vs the model of the first two runs: {y.sum() / _predict(fitted, x).sum() - 1:+.1%}")
+                  f"steps vs the model of the first two runs: {y.sum() / _predict(fitted, x).sum() - 1:+.1%}; "
+                  f"request_s {path['request_s'] * 1e3:.2f} ms, first_token_s {path['first_token_s'] * 1e3:.2f} ms")
         whole, _ = fit_steps(rows)
         x, y = step_targets(rows)
         predicted = _predict(whole, x)
