@@ -63,9 +63,12 @@ def main() -> None:
             live(server, out / "capacity", args, 2, args.fit_requests, "--rate", "inf", "--max-concurrency", "16")
             capacity = json.loads((out / "capacity" / "results.json").read_text())["summary"]["request_throughput"]
             live(server, out / "fit", args, 1, args.fit_requests, "--rate", f"{args.fit_load * capacity:.3f}")
-            for load in args.loads.split(","):
+            # Each run its own seed: prompts are drawn per (seed, request index), and the server's prefix
+            # cache keeps earlier runs' blocks, so runs of one seed would repeat prompts and skip most of
+            # their prefill, which the replay (no two requests share a prefix) cannot know.
+            for i, load in enumerate(args.loads.split(",")):
                 rates.append(f"{float(load) * capacity:.3f}")
-                live(server, out / f"live-{rates[-1]}", args, 0, args.num_requests, "--rate", rates[-1])
+                live(server, out / f"live-{rates[-1]}", args, 10 + i, args.num_requests, "--rate", rates[-1])
         finally:
             server.stop()
         loadgen("simulate", "fit", "--step-log", str(out / "steps"), "--results", str(out / "capacity"),
