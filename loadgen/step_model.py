@@ -54,7 +54,7 @@ HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
 SPREAD = (np.arange(100) + 0.5) / 100
 # The machine's speed is fitted and drawn per window of this much wall time. On this repository's 2-core
 # machine the same steps ran up to 20% faster or slower from one window to the next, on both workers at
-# once and not with the load: per 2 s, a standard deviation of 7-12% about the model, correlated 0.5-0.7
+# once and not with the load: per 2 s, a standard deviation of 7-16% about the model, correlated 0.5-0.9
 # with the next window's (BENCHMARKS.md, "Simulator against the live server").
 SPEED_WINDOW_S = 2.0
 MIN_WINDOW_STEPS = 20  # a window with fewer steps (the gaps between runs) gives no speed
