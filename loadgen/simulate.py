@@ -9,8 +9,8 @@ virtual time, writing the same results.json and plots as a live run.
 Discrete events in virtual time. Each worker is a real Scheduler over a real KVBlockManager; a step
 takes what the step model (loadgen/step_model.py) charges for the work scheduling/step_cost.py
 counts in its plan, times a draw from its per-step spread and the machine's speed in that window of
-virtual time (one draw per window, shared by the workers; both 1 for a preset). Requests reach the balancer at their arrival
-times, and the real balancer policy routes them over real WorkerLoads. A worker does what the
+virtual time (one draw per window, shared by the workers; both 1 for a preset). Requests reach the
+balancer at their arrival times, and the real balancer policy routes them over real WorkerLoads. A worker does what the
 worker process does: after each step it sends a LoadReport built from its scheduler's stats(),
 which the balancer sees `--report-delay-ms` later, then, the step model's `loop_s` later if work
 remains (the worker loop's own time), it takes in the requests that arrived meanwhile and plans

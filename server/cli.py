@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-parallel-min-gflop-per-token", type=float, default=0.05,
                    help="CPU: steps with at least this much matmul work per token (the model's size, about: 0.05 is "
                         "a 25M-parameter model) run on all the worker's cores, lighter ones leave one core to the "
-                        "server, whose work is per token (default 0.05; 0: every step takes all cores)")
+                        "server, whose work is per token (default 0.05; 0: every step takes all cores; 1000: none does)")
     p.add_argument("--workers", type=int, default=None,
                    help="engine workers (default: one per GPU, or per --tensor-parallel-size GPUs; else 1)")
     p.add_argument("--devices", default=None,
