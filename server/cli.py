@@ -48,9 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU: multiply with oneDNN over weights packed at load time (the default; faster than "
                         "F.linear at small batches, costs start-up time and ~1 MB per weight shape and row bucket)")
     p.add_argument("--cpu-parallel-min-gflop-per-token", type=float, default=0.05,
-                   help="CPU: steps with at least this much matmul work per token (the model's size, about: 0.05 is "
-                        "a 25M-parameter model) run on all the worker's cores, lighter ones leave one core to the "
-                        "server, whose work is per token (default 0.05; 0: every step takes all cores; 1000: none does)")
+                   help="CPU: steps with at least this much matmul work per token (about the model's size: 0.05 "
+                        "is a 25M-parameter model) run on all the worker's cores, lighter ones leave one core to "
+                        "the server, whose work is per token (default 0.05; 0: every step takes all cores; 1000: "
+                        "none does)")
     p.add_argument("--workers", type=int, default=None,
                    help="engine workers (default: one per GPU, or per --tensor-parallel-size GPUs; else 1)")
     p.add_argument("--devices", default=None,
