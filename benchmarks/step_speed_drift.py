@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadgen.report import load_results  # noqa: E402
-from loadgen.step_model import _predict, fit_steps, read_step_logs, server_path, step_targets  # noqa: E402
+from loadgen.step_model import (fit_steps, predict_steps, read_step_logs, run_window, server_path,  # noqa: E402
+                                step_targets, window_speeds)
 
 
 def runs_of(server: Path) -> dict[str, dict]:
@@ -37,10 +38,8 @@ def main() -> None:
     for server in sorted(d for d in args.output.iterdir() if (d / "steps").is_dir()):
         rows = read_step_logs(server / "steps")
         runs = runs_of(server)
-        within = {}
-        for name, results in runs.items():
-            t0 = results["config"]["t0_monotonic"]
-            within[name] = [r for r in rows if t0 - 1.0 <= r["start"] <= t0 + results["summary"]["duration"] + 1.0]
+        spans = {name: run_window(results) for name, results in runs.items()}
+        within = {name: [r for r in rows if a <= r["start"] <= b] for name, (a, b) in spans.items()}
         fitted, _ = fit_steps(within["capacity"] + within["fit"])
         print(f"== {server.name}")
         for name, run in within.items():
@@ -49,20 +48,18 @@ def main() -> None:
             execute = np.array([r["execute_s"] for r in run])
             path = server_path(run, [runs[name]])
             print(f"  {name:14s} decodes of 1-3 sequences: {execute[small].mean() * 1e3:.2f} ms execute; "
-                  f"steps vs the model of the first two runs: {y.sum() / _predict(fitted, x).sum() - 1:+.1%}; "
+                  f"steps vs the model of the first two runs: {y.sum() / predict_steps(fitted, x).sum() - 1:+.1%}; "
                   f"request_s {path['request_s'] * 1e3:.2f} ms, first_token_s {path['first_token_s'] * 1e3:.2f} ms")
         whole, _ = fit_steps(rows)
         x, y = step_targets(rows)
-        predicted = _predict(whole, x)
-        start = np.array([r["start"] for r in rows])
+        predicted = predict_steps(whole, x)
         tokens = np.array([sum(1 for c in r["chunks"] if c[3]) for r in rows], dtype=np.float64)
         for w in map(float, args.windows.split(",")):
-            k = ((start - start.min()) // w).astype(int)
-            full = np.bincount(k) >= 20
-            speed = np.where(full, np.bincount(k, y) / np.maximum(np.bincount(k, predicted), 1e-12), np.nan)
-            pairs = ~np.isnan(speed[:-1]) & ~np.isnan(speed[1:])
+            window, speed = window_speeds(rows, y, predicted, w)
+            full = ~np.isnan(speed)
+            pairs = full[:-1] & full[1:]
             lag1 = np.corrcoef(speed[:-1][pairs], speed[1:][pairs])[0, 1]
-            rate = np.bincount(k, tokens)[full] / w
+            rate = np.bincount(window, tokens)[full] / w
             print(f"  windows of {w:g} s ({full.sum()}): speed sd {np.nanstd(speed):.1%}, "
                   f"p5-p95 {np.nanpercentile(speed, 5):.2f}-{np.nanpercentile(speed, 95):.2f}, "
                   f"correlation with the next window {lag1:+.2f}, "

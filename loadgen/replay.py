@@ -32,10 +32,9 @@ from balancer import BALANCERS
 from loadgen.metrics import RequestRecord, benchmark_duration, client_timeseries, summarize
 from loadgen.report import load_results, plot_run, write_results
 from loadgen.simulate import Simulation, SimulationError, build_parser
-from loadgen.step_model import StepModel, read_step_logs, step_targets
+from loadgen.step_model import StepModel, predict_steps, read_step_logs, run_window, step_targets
 from loadgen.workload import WorkloadRequest
 from scheduling import SCHEDULERS
-from scheduling.step_cost import StepFeatures
 
 TABLE = [("Mean TTFT (ms)", "mean_ttft_ms"), ("Median TTFT (ms)", "median_ttft_ms"), ("P99 TTFT (ms)", "p99_ttft_ms"),
          ("Mean TPOT (ms)", "mean_tpot_ms"), ("Median TPOT (ms)", "median_tpot_ms"), ("P99 TPOT (ms)", "p99_tpot_ms"),
@@ -120,7 +119,7 @@ def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, cons
     timeseries = client_timeseries(records, duration)
     rows = [r.as_dict() | {"worker": t.worker} for r, t in zip(records, sim.tracks)]
     comparison = {"live": live_summary, "relative_error": errors}
-    steps = live_step_error(info, config, live["summary"], model)
+    steps = live_step_error(info, live, model)
     if steps is not None:
         comparison["live_steps"] = steps
     write_results(output, summary, rows, sim_config, timeseries, server, comparison)
@@ -135,19 +134,18 @@ def replay(run_dir: str | Path, step_model: str | Path, output: str | Path, cons
     return results
 
 
-def live_step_error(info: dict, config: dict, summary: dict, model: StepModel) -> dict | None:
+def live_step_error(info: dict, live: dict, model: StepModel) -> dict | None:
     """If the server logged its steps (--step-log), how the live run's own steps compare with the step
     model: (measured - predicted) / predicted in total and per step. A machine that slowed down or
     sped up since the fit shows here, apart from any error of the simulation itself."""
-    directory, t0 = info.get("step_log"), config.get("t0_monotonic")
-    if not directory or t0 is None or not Path(directory).is_dir():
+    directory, span = info.get("step_log"), run_window(live)
+    if not directory or span is None or not Path(directory).is_dir():
         return None
-    end = t0 + summary["duration"] + 1.0
-    rows = [r for r in read_step_logs(directory) if t0 - 1.0 <= r.get("start", -1.0) <= end]
+    rows = [r for r in read_step_logs(directory) if span[0] <= r.get("start", -1.0) <= span[1]]
     if not rows:
         return None
     x, measured = step_targets(rows)
-    predicted = np.array([model.step_seconds(StepFeatures(int(t), int(s), 0, 0, int(k), int(p))) for t, s, k, p in x])
+    predicted = predict_steps(model, x)
     return {"steps": len(rows), "total_time_rel_error": float(measured.sum() / predicted.sum() - 1),
             "mean_abs_rel_error": float(np.mean(np.abs(measured / predicted - 1)))}
 

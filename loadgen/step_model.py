@@ -303,12 +303,12 @@ def _model(coef: np.ndarray, overlap: float, **path) -> StepModel:
                      overlap=overlap, **path)
 
 
-def _predict(model: StepModel, x: np.ndarray) -> np.ndarray:
+def predict_steps(model: StepModel, x: np.ndarray) -> np.ndarray:
     return np.array([model.step_seconds(StepFeatures(int(t), int(s), 0, 0, int(k), int(p))) for t, s, k, p in x])
 
 
 def _errors(model: StepModel, x: np.ndarray, y: np.ndarray) -> dict:
-    pred = _predict(model, x)
+    pred = predict_steps(model, x)
     return {"steps": int(len(y)), "mean_abs_rel_error": float(np.mean(np.abs(pred - y) / y)),
             "total_time_rel_error": float((pred.sum() - y.sum()) / y.sum())}
 
@@ -318,17 +318,24 @@ def _unit_spread(factors: np.ndarray) -> tuple[float, ...]:
     return tuple(map(float, q / q.mean()))
 
 
-def window_speeds(rows: list[dict], seconds: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The machine's speed per SPEED_WINDOW_S of wall time (the measured over the predicted time of every
-    worker's steps that started in it, for windows of at least MIN_WINDOW_STEPS steps), and each step's:
-    its window's, or 1 where its window has too few steps or the log has no start times."""
+def window_speeds(rows: list[dict], seconds: np.ndarray, predicted: np.ndarray,
+                  window_s: float = SPEED_WINDOW_S) -> tuple[np.ndarray, np.ndarray]:
+    """The machine's speed per window of wall time: each step's window (counted from the first step's
+    start), and each window's measured over predicted time of every worker's steps that started in it,
+    NaN for a window of fewer than MIN_WINDOW_STEPS steps (or all of them, if the log has no start times)."""
     if any("start" not in r for r in rows):
-        return np.ones(0), np.ones(len(rows))
+        return np.zeros(len(rows), dtype=int), np.full(1, np.nan)
     start = np.array([r["start"] for r in rows])
-    window = ((start - start.min()) // SPEED_WINDOW_S).astype(int)
-    full = np.bincount(window) >= MIN_WINDOW_STEPS
+    window = ((start - start.min()) // window_s).astype(int)
     speed = np.bincount(window, seconds) / np.maximum(np.bincount(window, predicted), 1e-12)
-    return speed[full], np.where(full[window], speed[window], 1.0)
+    return window, np.where(np.bincount(window) >= MIN_WINDOW_STEPS, speed, np.nan)
+
+
+def run_window(results: dict) -> tuple[float, float] | None:
+    """A loadgen run's span on the monotonic clock the step log shares (a second's margin each side),
+    from its results.json; None for a run recorded without t0_monotonic."""
+    t0 = results["config"].get("t0_monotonic")
+    return None if t0 is None else (t0 - 1.0, t0 + results["summary"]["duration"] + 1.0)
 
 
 def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel, dict]:
@@ -342,16 +349,17 @@ def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel
     trials = []
     for o in grid:
         m = _model(_fit_overlap(x[~held], y[~held], o), o)
-        trials.append((float(np.sum((_predict(m, x[held]) - y[held]) ** 2)), o, m))
+        trials.append((float(np.sum((predict_steps(m, x[held]) - y[held]) ** 2)), o, m))
     _, best_overlap, train_model = min(trials, key=lambda t: t[0])
     coef = _fit_overlap(x, y, best_overlap)
     gaps = loop_gaps(rows)
     loop_s, loop_se = _mean_se(gaps) if gaps.size else (0.0, None)
     model = _model(coef, best_overlap, loop_s=loop_s)
-    pred = np.maximum(_predict(model, x), 1e-9)
-    windows, speed = window_speeds(rows, y, pred)
-    model = dataclasses.replace(model, step_spread=_unit_spread(y / pred / speed),
-                                speed_spread=_unit_spread(windows) if len(windows) > 1 else ())
+    pred = np.maximum(predict_steps(model, x), 1e-9)
+    window, speed = window_speeds(rows, y, pred)
+    measured = speed[~np.isnan(speed)]
+    model = dataclasses.replace(model, step_spread=_unit_spread(y / pred / np.nan_to_num(speed[window], nan=1.0)),
+                                speed_spread=_unit_spread(measured) if len(measured) > 1 else ())
     # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
     memory = model.weights_s + model.c3 * x[:, 2]
     a = _design(x, best_overlap, memory >= model.c1 * x[:, 0] + model.c4 * x[:, 3])
@@ -401,13 +409,13 @@ def server_path(rows: list[dict], runs: list[dict]) -> dict:
             dispatch.append(engine_add - server_arrival)
     http, first_token, last_token = [], [], []
     for results in runs:
-        t0 = results["config"].get("t0_monotonic")
-        if t0 is None:
+        t0 = results["config"].get("t0_monotonic")  # the client's clock origin: its send times count from it
+        if (span := run_window(results)) is None:
             raise ValueError("the run's results.json has no t0_monotonic: record it with this version of loadgen")
-        end = t0 + results["summary"]["duration"] + 1.0
+        begin, end = span
         by_shape: dict[tuple[int, int], list] = {}
         for rid, (at, _, prompt, max_tokens, _) in arrivals.items():
-            if t0 - 1.0 <= at <= end and rid in last:  # warm-up requests came before t0
+            if begin <= at <= end and rid in last:  # warm-up requests came before t0
                 by_shape.setdefault((prompt, max_tokens), []).append((at, rid))
         live: dict[tuple[int, int], list] = {}
         for q in results["requests"]:
@@ -444,11 +452,7 @@ def fit(step_log: str | Path, results_dirs: list[str | Path] = (), overlap: floa
     from loadgen.report import load_results
     rows = read_step_logs(step_log)
     runs = [load_results(d) for d in results_dirs]
-    windows = []
-    for results in runs:
-        t0 = results["config"].get("t0_monotonic")
-        if t0 is not None:
-            windows.append((t0 - 1.0, t0 + results["summary"]["duration"] + 1.0))
+    windows = [span for span in map(run_window, runs) if span is not None]
     if windows:
         rows = [r for r in rows if "start" not in r or any(a <= r["start"] <= b for a, b in windows)]
     model, quality = fit_steps(rows, overlap)
