@@ -9,7 +9,8 @@ virtual time, writing the same results.json and plots as a live run.
 Discrete events in virtual time. Each worker is a real Scheduler over a real KVBlockManager; a step
 takes what the step model (loadgen/step_model.py) charges for the work scheduling/step_cost.py
 counts in its plan, times a draw from its per-step spread and the machine's speed in that window of
-virtual time (one draw per window, shared by the workers; both 1 for a preset). Requests reach the
+virtual time (one per window, shared by the workers and correlated with the window before: the step
+model's MachineSpeed; both 1 for a preset). Requests reach the
 balancer at their arrival times, and the real balancer policy routes them over real WorkerLoads. A worker does what the
 worker process does: after each step it sends a LoadReport built from its scheduler's stats(),
 which the balancer sees `--report-delay-ms` later, then, the step model's `loop_s` later if work
@@ -55,7 +56,7 @@ from loadgen.args import add_output_arg, add_workload_args, positive_float, posi
 from loadgen.metrics import (RequestRecord, aggregate, benchmark_duration, client_timeseries, summarize,
                              worker_balance)
 from loadgen.report import MAIN_METRICS, plot_run, print_summary, write_results
-from loadgen.step_model import PRESETS, SPEED_WINDOW_S, StepModel, fit, fit_main
+from loadgen.step_model import PRESETS, MachineSpeed, StepModel, fit, fit_main
 from loadgen.workload import build_schedule, clamp_to_context
 from scheduling import SCHEDULERS, KVBlockManager, SchedulerConfig, make_scheduler
 from scheduling.output_length import BUCKET_EDGES, MODES, bucket, bucket_label
@@ -111,7 +112,7 @@ class Simulation:
         self.args, self.model = args, model
         self.delay_s = args.report_delay_ms / 1e3
         self.rng = np.random.default_rng([args.seed, 5])  # step times drawn from the model's spread
-        self.speeds: dict[int, float] = {}  # the machine's speed in each SPEED_WINDOW_S, drawn when first met
+        self.speed = MachineSpeed(model, self.rng)
         config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  max_model_len=max_model_len, eos_token_ids=frozenset({EOS_TOKEN}),
                                  output_length=args.output_length)
@@ -206,17 +207,11 @@ class Simulation:
             else:  # the trace's length reached: end of sequence
                 last = c.request.num_output_tokens + 1 >= c.request.payload.output_tokens
                 sampled.append(EOS_TOKEN if last else SAMPLED_TOKEN)
-        step_s = self.model.step_seconds(step_features(plan)) * self.model.draw("step", self.rng) * self.speed(now)
+        step_s = self.model.step_seconds(step_features(plan)) * self.model.draw("step", self.rng) * self.speed.at(now)
         if worker.index == 0:
             step_s *= self.args.slow_worker_factor
         worker.plan, worker.sampled, worker.step_s = plan, sampled, step_s
         self.push(now + step_s, worker, True)
-
-    def speed(self, now: float) -> float:
-        window = int(now // SPEED_WINDOW_S)
-        if window not in self.speeds:
-            self.speeds[window] = self.model.draw("speed", self.rng)
-        return self.speeds[window]
 
     def push(self, when: float, worker: Worker, step_end: bool) -> None:
         heapq.heappush(self.events, (when, self.seq, worker.index, step_end))

@@ -22,9 +22,10 @@ the last one ends the stream). The fit takes each from the server's own timestam
 its spread (percentiles), which the replay draws from per request, as it draws each step's time.
 
 A step's time spreads two ways, fitted apart: the machine's speed over a window of SPEED_WINDOW_S
-(`speed_spread`: every worker's steps in a window over the model's prediction for them; the simulator
-draws one factor per window for all workers, so a slow stretch slows every step of the requests it
-holds) and each step about its window (`step_spread`).
+(`speed_spread`: every worker's steps in a window over the model's prediction for them, and
+`speed_correlation`: how much of one window's speed carries into the next; the simulator draws one
+factor per window for all workers, so a slow stretch slows every step of the requests it holds, for
+as long as such stretches last) and each step about its window (`step_spread`).
 
 `simulate fit --step-log DIR --results RUN_DIR [--results RUN_DIR ...] --output MODEL.json` fits
 the step terms by least squares on the workers' step logs (engine/step_log.py) of those runs and
@@ -38,6 +39,7 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +56,12 @@ HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
 SPREAD = (np.arange(100) + 0.5) / 100
 # The machine's speed is fitted and drawn per window of this much wall time. On this repository's 2-core
 # machine the same steps ran up to 20% faster or slower from one window to the next, on both workers at
-# once and not with the load: per 2 s, a standard deviation of 7-16% about the model, correlated 0.5-0.9
-# with the next window's (BENCHMARKS.md, "Simulator against the live server").
-SPEED_WINDOW_S = 2.0
-MIN_WINDOW_STEPS = 20  # a window with fewer steps (the gaps between runs) gives no speed
+# once and not with the load: per 0.5 s, a standard deviation of 8-16% about the model, and slow
+# stretches lasting seconds (BENCHMARKS.md, "Simulator against the live server"). Windows of 2 s drawn
+# independently missed the stretches shorter than a request's decode, which the p99s feel.
+SPEED_WINDOW_S = 0.5
+MIN_WINDOW_STEPS = 10  # a window with fewer steps (the gaps between runs) gives no speed
+NORMAL = statistics.NormalDist()
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,9 @@ class StepModel:
     request_s: float = 0.0  # server path per request: client send to an idle worker holding it
     first_token_s: float = 0.0  # server path of a first token: step end to the client's chunk
     token_s: float = 0.0  # server path of a last token: step end to the client's end of stream
+    # The correlation of one window's machine speed with the next's, as normal scores (0: independent
+    # windows): how long a slow stretch lasts, which is what a queue feels.
+    speed_correlation: float = 0.0
     # How the measured times spread around those means, as their quantiles at SPREAD: each step's
     # measured over predicted time (scaled to mean 1), and each request's server path times. A
     # queue waits on the spread as well as on the mean. Empty: every step and request costs the mean.
@@ -87,8 +94,9 @@ class StepModel:
     def __post_init__(self):
         values = [v for v in dataclasses.astuple(self) if isinstance(v, float)]
         values += [v for f in SPREADS for v in getattr(self, f)]
-        if min(values) < 0 or not all(map(math.isfinite, values)) or self.overlap > 1:
-            raise ValueError(f"step model coefficients must be finite and >= 0, overlap <= 1: {self}")
+        if min(values) < 0 or not all(map(math.isfinite, values)) or self.overlap > 1 or self.speed_correlation >= 1:
+            raise ValueError(f"step model coefficients must be finite and >= 0, overlap <= 1, "
+                             f"speed_correlation < 1: {self}")
         if any(len(getattr(self, f)) not in (0, len(SPREAD)) for f in SPREADS):
             raise ValueError(f"a spread has {len(SPREAD)} quantiles (or none)")
         if self.c0 + self.c1 + self.c2 + self.weights_s <= 0:  # every step has a sequence and a token
@@ -102,10 +110,15 @@ class StepModel:
     def draw(self, term: str, rng: np.random.Generator) -> float:
         """One sample of `term` ("step", "speed": factors on a step's time; "request", "first_token",
         "token": a server path time) from its spread; without one, its mean."""
+        # No draw without a spread: a model of means leaves the generator's sequence as it was.
+        return self.quantile(term, rng.random() if getattr(self, f"{term}_spread") else 0.5)
+
+    def quantile(self, term: str, q: float) -> float:
+        """`term`'s quantile q (0-1) of its spread; without one, its mean."""
         spread = getattr(self, f"{term}_spread")
         if not spread:
             return 1.0 if term in ("step", "speed") else getattr(self, f"{term}_s")
-        return float(np.interp(rng.random(), SPREAD, spread))
+        return float(np.interp(q, SPREAD, spread))
 
     @classmethod
     def load(cls, path: str | Path) -> StepModel:
@@ -331,6 +344,39 @@ def window_speeds(rows: list[dict], seconds: np.ndarray, predicted: np.ndarray,
     return window, np.where(np.bincount(window) >= MIN_WINDOW_STEPS, speed, np.nan)
 
 
+def lag_correlation(speed: np.ndarray) -> float:
+    """The correlation of consecutive windows' speeds (NaN: no speed) as normal scores, the rank of each
+    speed through the normal quantile function, so that the spread's own shape does not enter; a
+    negative one (noise, with few windows) counts as none."""
+    measured = ~np.isnan(speed)
+    pairs = measured[:-1] & measured[1:]
+    if pairs.sum() < 3:
+        return 0.0
+    ranks = np.argsort(np.argsort(speed[measured]))
+    scores = np.full(len(speed), np.nan)
+    scores[measured] = [NORMAL.inv_cdf((r + 0.5) / measured.sum()) for r in ranks]
+    return max(float(np.corrcoef(scores[:-1][pairs], scores[1:][pairs])[0, 1]), 0.0)
+
+
+class MachineSpeed:
+    """The machine's speed through the simulator's time: one factor per SPEED_WINDOW_S from the model's
+    speed_spread, each window's normal score correlated speed_correlation with the one before (k windows
+    on, speed_correlation**k). Asked in time order; 1 throughout for a model without a speed spread."""
+
+    def __init__(self, model: StepModel, rng: np.random.Generator):
+        self.model, self.rng = model, rng
+        self.window: int | None = None
+        self.score, self.factor = 0.0, 1.0
+
+    def at(self, now: float) -> float:
+        window = int(now // SPEED_WINDOW_S)
+        if self.model.speed_spread and window != self.window:
+            carry = 0.0 if self.window is None else self.model.speed_correlation ** (window - self.window)
+            self.score = carry * self.score + math.sqrt(1 - carry * carry) * float(self.rng.standard_normal())
+            self.window, self.factor = window, self.model.quantile("speed", NORMAL.cdf(self.score))
+        return self.factor
+
+
 def run_window(results: dict) -> tuple[float, float] | None:
     """A loadgen run's span on the monotonic clock the step log shares (a second's margin each side),
     from its results.json; None for a run recorded without t0_monotonic."""
@@ -359,7 +405,8 @@ def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel
     window, speed = window_speeds(rows, y, pred)
     measured = speed[~np.isnan(speed)]
     model = dataclasses.replace(model, step_spread=_unit_spread(y / pred / np.nan_to_num(speed[window], nan=1.0)),
-                                speed_spread=_unit_spread(measured) if len(measured) > 1 else ())
+                                speed_spread=_unit_spread(measured) if len(measured) > 1 else (),
+                                speed_correlation=lag_correlation(speed))
     # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
     memory = model.weights_s + model.c3 * x[:, 2]
     a = _design(x, best_overlap, memory >= model.c1 * x[:, 0] + model.c4 * x[:, 3])
@@ -502,7 +549,7 @@ def print_fit(model: StepModel, quality: dict) -> None:
         if name in SPREADS:
             continue
         se = quality["standard_errors"].get(name)
-        if name == "overlap":
+        if name in ("overlap", "speed_correlation"):
             note = ""
         elif name in ("request_s", "first_token_s", "token_s") and "paired_requests" not in quality:
             note = "needs --results"

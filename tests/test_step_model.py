@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
-from loadgen.step_model import PRESETS, StepModel, fit_steps, read_step_logs
+from loadgen.step_model import (PRESETS, SPEED_WINDOW_S, SPREAD, MachineSpeed, StepModel, fit_steps,
+                                lag_correlation, read_step_logs)
 from scheduling.step_cost import StepFeatures
 
 
@@ -102,9 +103,9 @@ def test_offline_llm_writes_a_step_log_the_fit_reads(tmp_path, tiny_models):
 def test_fit_separates_the_machine_speed_per_window_from_the_per_step_spread():
     true = StepModel(2e-3, 3e-4, 1e-3, 1e-6, c4=5e-7)
     rows = synthetic_log(true, 2000, seed=2)
-    # 40 steps per SPEED_WINDOW_S (2 s) of wall time, the machine alternately 20% slower and faster.
+    # 40 steps per SPEED_WINDOW_S of wall time, the machine alternately 20% slower and faster.
     for i, r in enumerate(rows):
-        r["start"] = 1000.0 + i * 0.05
+        r["start"] = 1000.0 + i * SPEED_WINDOW_S / 40
         r["seconds"] *= 1.2 if (i // 40) % 2 else 0.8
     model, _ = fit_steps(rows)
     speed = np.array(model.speed_spread)
@@ -112,6 +113,29 @@ def test_fit_separates_the_machine_speed_per_window_from_the_per_step_spread():
     assert speed[:45] == pytest.approx(0.8, rel=0.02) and speed[55:] == pytest.approx(1.2, rel=0.02)
     step = np.array(model.step_spread)
     assert step[1] > 0.95 and step[-2] < 1.05, "what the windows explain (20%) is not in the per-step spread"
+    assert model.speed_correlation == 0, "each window the opposite of the one before: no stretch lasts"
+    # Slow and fast stretches of 8 windows: one window's speed carries into the next.
+    for i, r in enumerate(rows):
+        r["seconds"] *= (1.2 if (i // 40) % 2 else 0.8) ** -1 * (1.2 if (i // 320) % 2 else 0.8)
+    model, _ = fit_steps(rows)
+    assert model.speed_spread[-1] / model.speed_spread[0] == pytest.approx(1.2 / 0.8, rel=0.03)
+    assert model.speed_correlation > 0.3  # the steps' own noise orders the windows within a stretch
     # Without start times (older logs) there is no speed to fit, and the simulator's speed is 1.
     model, _ = fit_steps([{k: v for k, v in r.items() if k != "start"} for r in rows])
     assert model.speed_spread == () and model.draw("speed", np.random.default_rng(0)) == 1.0
+
+
+def test_the_simulated_machine_speed_has_the_fitted_spread_and_correlation():
+    spread = np.linspace(0.7, 1.3, len(SPREAD))
+    model = StepModel(2e-3, 0, 0, 0, speed_spread=tuple(spread), speed_correlation=0.8)
+    speed = MachineSpeed(model, np.random.default_rng(3))
+    windows = np.array([speed.at((k + 0.5) * SPEED_WINDOW_S) for k in range(20_000)])
+    assert speed.at(20_000 * SPEED_WINDOW_S - 1e-9) == windows[-1]  # one factor per window
+    assert np.quantile(windows, [0.1, 0.5, 0.9]) == pytest.approx(np.quantile(spread, [0.1, 0.5, 0.9]), rel=0.02)
+    assert lag_correlation(windows) == pytest.approx(0.8, abs=0.02)
+    # Five windows on, the carry is 0.8 ** 5; a model without a speed spread runs at 1 and draws nothing.
+    later = np.array([speed.at((20_000 + 5 * k) * SPEED_WINDOW_S) for k in range(10_000)])
+    assert lag_correlation(later) == pytest.approx(0.8 ** 5, abs=0.03)
+    rng = np.random.default_rng(0)
+    flat = MachineSpeed(StepModel(2e-3, 0, 0, 0), rng)
+    assert {flat.at(k * SPEED_WINDOW_S) for k in range(100)} == {1.0} and rng.random() == np.random.default_rng(0).random()
