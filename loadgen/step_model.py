@@ -21,8 +21,8 @@ the client reading it (queues, detokenization, SSE; the first chunk also starts 
 the last one ends the stream). The fit takes each from the server's own timestamps: its mean, and
 its spread (percentiles), which the replay draws from per request, as it draws each step's time.
 
-A step's time spreads two ways, fitted apart: the machine's speed over a window of SPEED_WINDOW_S
-(`speed_spread`: every worker's steps in a window over the model's prediction for them, and
+A step's time spreads two ways, fitted apart: the machine's speed over a window of wall time
+(`speed_window_s`, SPEED_WINDOW_S unless `simulate fit --speed-window-s` says otherwise; `speed_spread`: every worker's steps in a window over the model's prediction for them, and
 `speed_correlation`: how much of one window's speed carries into the next; the simulator draws one
 factor per window for all workers, so a slow stretch slows every step of the requests it holds, for
 as long as such stretches last) and each step about its window (`step_spread`).
@@ -54,7 +54,7 @@ HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
 # log (the slowest step of thousands) stands for the top half percent, not for the whole top percent.
 # Drawing from them (flat beyond the ends) averages exactly their mean.
 SPREAD = (np.arange(100) + 0.5) / 100
-# The machine's speed is fitted and drawn per window of this much wall time. On this repository's 2-core
+# The machine's speed is fitted and drawn per window of this much wall time (by default). On this repository's 2-core
 # machine the same steps ran up to 20% faster or slower from one window to the next, on both workers at
 # once and not with the load: per 0.5 s, a standard deviation of 8-16% about the model, and slow
 # stretches lasting seconds (BENCHMARKS.md, "Simulator against the live server"). Windows of 2 s drawn
@@ -77,14 +77,16 @@ class StepModel:
     request_s: float = 0.0  # server path per request: client send to an idle worker holding it
     first_token_s: float = 0.0  # server path of a first token: step end to the client's chunk
     token_s: float = 0.0  # server path of a last token: step end to the client's end of stream
-    # The correlation of one window's machine speed with the next's, as normal scores (0: independent
-    # windows): how long a slow stretch lasts, which is what a queue feels.
+    # The window the machine's speed was fitted over (and is drawn per), and the correlation of one
+    # window's speed with the next's, as normal scores (0: independent windows): how long a slow
+    # stretch lasts, which is what a queue feels.
+    speed_window_s: float = SPEED_WINDOW_S
     speed_correlation: float = 0.0
     # How the measured times spread around those means, as their quantiles at SPREAD: each step's
     # measured over predicted time (scaled to mean 1), and each request's server path times. A
     # queue waits on the spread as well as on the mean. Empty: every step and request costs the mean.
     step_spread: tuple[float, ...] = ()
-    # The machine's speed, one factor per SPEED_WINDOW_S of wall time shared by every worker's steps in it
+    # The machine's speed, one factor per speed_window_s of wall time shared by every worker's steps in it
     # (mean 1): a slow stretch slows every step of the requests it holds, which per-step draws average out.
     speed_spread: tuple[float, ...] = ()
     request_spread: tuple[float, ...] = ()
@@ -94,9 +96,10 @@ class StepModel:
     def __post_init__(self):
         values = [v for v in dataclasses.astuple(self) if isinstance(v, float)]
         values += [v for f in SPREADS for v in getattr(self, f)]
-        if min(values) < 0 or not all(map(math.isfinite, values)) or self.overlap > 1 or self.speed_correlation >= 1:
+        if (min(values) < 0 or not all(map(math.isfinite, values)) or self.overlap > 1
+                or self.speed_correlation >= 1 or self.speed_window_s <= 0):
             raise ValueError(f"step model coefficients must be finite and >= 0, overlap <= 1, "
-                             f"speed_correlation < 1: {self}")
+                             f"speed_correlation < 1, speed_window_s > 0: {self}")
         if any(len(getattr(self, f)) not in (0, len(SPREAD)) for f in SPREADS):
             raise ValueError(f"a spread has {len(SPREAD)} quantiles (or none)")
         if self.c0 + self.c1 + self.c2 + self.weights_s <= 0:  # every step has a sequence and a token
@@ -119,6 +122,11 @@ class StepModel:
         if not spread:
             return 1.0 if term in ("step", "speed") else getattr(self, f"{term}_s")
         return float(np.interp(q, SPREAD, spread))
+
+    def at_speed(self, factor: float) -> StepModel:
+        """This model on a machine whose steps take `factor` times as long: the step terms scaled, the
+        server path and the spreads as they are."""
+        return dataclasses.replace(self, **{term: getattr(self, term) * factor for term in STEP_TERMS})
 
     @classmethod
     def load(cls, path: str | Path) -> StepModel:
@@ -359,7 +367,7 @@ def lag_correlation(speed: np.ndarray) -> float:
 
 
 class MachineSpeed:
-    """The machine's speed through the simulator's time: one factor per SPEED_WINDOW_S from the model's
+    """The machine's speed through the simulator's time: one factor per speed_window_s from the model's
     speed_spread, each window's normal score correlated speed_correlation with the one before (k windows
     on, speed_correlation**k). Asked in time order; 1 throughout for a model without a speed spread."""
 
@@ -369,7 +377,7 @@ class MachineSpeed:
         self.score, self.factor = 0.0, 1.0
 
     def at(self, now: float) -> float:
-        window = int(now // SPEED_WINDOW_S)
+        window = int(now // self.model.speed_window_s)
         if self.model.speed_spread and window != self.window:
             carry = 0.0 if self.window is None else self.model.speed_correlation ** (window - self.window)
             self.score = carry * self.score + math.sqrt(1 - carry * carry) * float(self.rng.standard_normal())
@@ -384,8 +392,10 @@ def run_window(results: dict) -> tuple[float, float] | None:
     return None if t0 is None else (t0 - 1.0, t0 + results["summary"]["duration"] + 1.0)
 
 
-def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel, dict]:
-    """The step terms from step-log rows; `overlap` None: the grid value with the least held-out error."""
+def fit_steps(rows: list[dict], overlap: float | None = None, speed_window_s: float = SPEED_WINDOW_S,
+              speed_correlation: float | None = None) -> tuple[StepModel, dict]:
+    """The step terms from step-log rows; `overlap` None: the grid value with the least held-out error;
+    the machine's speed per `speed_window_s`, and `speed_correlation` None: its fitted correlation."""
     x, y = step_targets(rows)
     held = np.arange(len(y)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
     if len(y) < 3 * HOLDOUT_EVERY or np.linalg.matrix_rank(np.column_stack([np.ones(len(x)), x[:, :3]])) < 4:
@@ -402,11 +412,13 @@ def fit_steps(rows: list[dict], overlap: float | None = None) -> tuple[StepModel
     loop_s, loop_se = _mean_se(gaps) if gaps.size else (0.0, None)
     model = _model(coef, best_overlap, loop_s=loop_s)
     pred = np.maximum(predict_steps(model, x), 1e-9)
-    window, speed = window_speeds(rows, y, pred)
+    window, speed = window_speeds(rows, y, pred, speed_window_s)
     measured = speed[~np.isnan(speed)]
     model = dataclasses.replace(model, step_spread=_unit_spread(y / pred / np.nan_to_num(speed[window], nan=1.0)),
                                 speed_spread=_unit_spread(measured) if len(measured) > 1 else (),
-                                speed_correlation=lag_correlation(speed))
+                                speed_window_s=speed_window_s,
+                                speed_correlation=lag_correlation(speed) if speed_correlation is None
+                                else speed_correlation)
     # Standard errors at the final regimes, over the terms left free (a term held at 0 has none).
     memory = model.weights_s + model.c3 * x[:, 2]
     a = _design(x, best_overlap, memory >= model.c1 * x[:, 0] + model.c4 * x[:, 3])
@@ -492,8 +504,8 @@ def server_path(rows: list[dict], runs: list[dict]) -> dict:
             "standard_errors": {"request_s": se, "first_token_s": f_se, "token_s": t_se}}
 
 
-def fit(step_log: str | Path, results_dirs: list[str | Path] = (), overlap: float | None = None
-        ) -> tuple[StepModel, dict]:
+def fit(step_log: str | Path, results_dirs: list[str | Path] = (), overlap: float | None = None,
+        speed_window_s: float = SPEED_WINDOW_S, speed_correlation: float | None = None) -> tuple[StepModel, dict]:
     """The step model from a step log; with loadgen runs against that server, from their steps only
     (a log directory may hold several runs), and the server's path terms from their timestamps."""
     from loadgen.report import load_results
@@ -502,7 +514,7 @@ def fit(step_log: str | Path, results_dirs: list[str | Path] = (), overlap: floa
     windows = [span for span in map(run_window, runs) if span is not None]
     if windows:
         rows = [r for r in rows if "start" not in r or any(a <= r["start"] <= b for a, b in windows)]
-    model, quality = fit_steps(rows, overlap)
+    model, quality = fit_steps(rows, overlap, speed_window_s, speed_correlation)
     if runs:
         # The server path from open-loop runs where there are any: a closed loop (--max-concurrency)
         # sends each request as another ends, when the server is busiest (its HTTP part took twice as
@@ -526,12 +538,16 @@ def fit_main(argv: list[str]) -> int:
                         "steps only, and the server path's request_s, first_token_s and token_s")
     p.add_argument("--overlap", type=float, help="fix the memory/compute overlap (0: sum, 1: max) "
                                                  "instead of choosing it on held-out steps")
+    p.add_argument("--speed-window-s", type=float, default=SPEED_WINDOW_S,
+                   help="the window of wall time the machine's speed is fitted over and drawn per")
+    p.add_argument("--speed-correlation", type=float, help="fix the correlation of one window's speed with "
+                                                           "the next's (0: independent) instead of fitting it")
     p.add_argument("--output", metavar="FILE", help="write the model here, for --step-model")
     args = p.parse_args(argv)
     step_log = args.step_log or args.step_log_path
     if not step_log:
         p.error("give --step-log DIR")
-    model, quality = fit(step_log, args.results, args.overlap)
+    model, quality = fit(step_log, args.results, args.overlap, args.speed_window_s, args.speed_correlation)
     print_fit(model, quality)
     if args.output:
         Path(args.output).write_text(json.dumps(model.as_dict() | {"fit": quality}, indent=2) + "\n")
@@ -549,7 +565,7 @@ def print_fit(model: StepModel, quality: dict) -> None:
         if name in SPREADS:
             continue
         se = quality["standard_errors"].get(name)
-        if name in ("overlap", "speed_correlation"):
+        if name in ("overlap", "speed_window_s", "speed_correlation"):
             note = ""
         elif name in ("request_s", "first_token_s", "token_s") and "paired_requests" not in quality:
             note = "needs --results"

@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from loadgen.simulate import Simulation, build_parser
-from loadgen.step_model import STEP_TERMS, StepModel, fit_steps
+from loadgen.step_model import StepModel, fit_steps
 from loadgen.workload import WorkloadRequest
 from scheduling.step_cost import StepFeatures
 from server_utils import CONV_TRACE, ROOT, ServerProcess
@@ -126,8 +126,8 @@ def test_replay_of_a_live_run_predicts_it(runs):
     # fit runs. Those 7 runs, so calibrated: mean E2E within 5.3%, output throughput within 1.1%, mean
     # TTFT within 11.2% (TTFT, 14-20 ms here, is a third server path).
     speed = 1 + out["live_steps"]["total_time_rel_error"]
-    calibrated = {k: v * speed if k in STEP_TERMS else v for k, v in fitted.items() if k != "fit"}
-    (tmp / "model_at_measured_speed.json").write_text(json.dumps(calibrated))
+    calibrated = StepModel.load(model).at_speed(speed)
+    (tmp / "model_at_measured_speed.json").write_text(json.dumps(calibrated.as_dict()))
     loadgen("replay", str(tmp / "measured"), "--step-model", str(tmp / "model_at_measured_speed.json"),
             "--output", str(tmp / "replay_at_measured_speed"))
     out = json.loads((tmp / "replay_at_measured_speed" / "results.json").read_text())

@@ -120,6 +120,11 @@ def test_fit_separates_the_machine_speed_per_window_from_the_per_step_spread():
     model, _ = fit_steps(rows)
     assert model.speed_spread[-1] / model.speed_spread[0] == pytest.approx(1.2 / 0.8, rel=0.03)
     assert model.speed_correlation > 0.3  # the steps' own noise orders the windows within a stretch
+    # Windows as long as a slow and a fast stretch together all see the same speed; a correlation given
+    # is kept.
+    model, _ = fit_steps(rows[:1920], speed_window_s=16 * SPEED_WINDOW_S, speed_correlation=0.0)
+    assert model.speed_window_s == 16 * SPEED_WINDOW_S and model.speed_correlation == 0
+    assert model.speed_spread[-1] / model.speed_spread[0] < 1.05
     # Without start times (older logs) there is no speed to fit, and the simulator's speed is 1.
     model, _ = fit_steps([{k: v for k, v in r.items() if k != "start"} for r in rows])
     assert model.speed_spread == () and model.draw("speed", np.random.default_rng(0)) == 1.0
@@ -127,14 +132,14 @@ def test_fit_separates_the_machine_speed_per_window_from_the_per_step_spread():
 
 def test_the_simulated_machine_speed_has_the_fitted_spread_and_correlation():
     spread = np.linspace(0.7, 1.3, len(SPREAD))
-    model = StepModel(2e-3, 0, 0, 0, speed_spread=tuple(spread), speed_correlation=0.8)
+    model = StepModel(2e-3, 0, 0, 0, speed_spread=tuple(spread), speed_window_s=2.0, speed_correlation=0.8)
     speed = MachineSpeed(model, np.random.default_rng(3))
-    windows = np.array([speed.at((k + 0.5) * SPEED_WINDOW_S) for k in range(20_000)])
-    assert speed.at(20_000 * SPEED_WINDOW_S - 1e-9) == windows[-1]  # one factor per window
+    windows = np.array([speed.at((k + 0.5) * 2.0) for k in range(20_000)])
+    assert speed.at(20_000 * 2.0 - 1e-9) == windows[-1]  # one factor per window: the model's
     assert np.quantile(windows, [0.1, 0.5, 0.9]) == pytest.approx(np.quantile(spread, [0.1, 0.5, 0.9]), rel=0.02)
     assert lag_correlation(windows) == pytest.approx(0.8, abs=0.02)
     # Five windows on, the carry is 0.8 ** 5; a model without a speed spread runs at 1 and draws nothing.
-    later = np.array([speed.at((20_000 + 5 * k) * SPEED_WINDOW_S) for k in range(10_000)])
+    later = np.array([speed.at((20_000 + 5 * k) * 2.0) for k in range(10_000)])
     assert lag_correlation(later) == pytest.approx(0.8 ** 5, abs=0.03)
     rng = np.random.default_rng(0)
     flat = MachineSpeed(StepModel(2e-3, 0, 0, 0), rng)
