@@ -10,13 +10,13 @@ Discrete events in virtual time. Each worker is a real Scheduler over a real KVB
 takes what the step model (loadgen/step_model.py) charges for the work scheduling/step_cost.py
 counts in its plan, times a draw from its per-step spread and the machine's speed in that window of
 virtual time (one per window, shared by the workers and correlated with the window before: the step
-model's MachineSpeed; both 1 for a preset). Requests reach the
-balancer at their arrival times, and the real balancer policy routes them over real WorkerLoads. A worker does what the
-worker process does: after each step it sends a LoadReport built from its scheduler's stats(),
-which the balancer sees `--report-delay-ms` later, then, the step model's `loop_s` later if work
-remains (the worker loop's own time), it takes in the requests that arrived meanwhile and plans
-the next one. So the balancer decides on stale reports plus its own
-exact record of what it sent since, as in the real process. Requests reach a worker instantly.
+model's MachineSpeed; both 1 for a preset). Requests reach the balancer at their arrival times, and
+the real balancer policy routes them over real WorkerLoads. A worker does what the worker process
+does: after each step it sends a LoadReport built from its scheduler's stats(), which the balancer
+sees `--report-delay-ms` later, then, the step model's `loop_s` later if work remains (the worker
+loop's own time), it takes in the requests that arrived meanwhile and plans the next one. So the
+balancer decides on stale reports plus its own exact record of what it sent since, as in the real
+process. Requests reach a worker instantly.
 
 A trace gives token counts, not tokens. Each request's prompt repeats its own index, so no two
 requests share a prefix. The KV prefix cache is off unless asked for (`loadgen replay` of a server

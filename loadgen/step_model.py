@@ -22,7 +22,8 @@ the last one ends the stream). The fit takes each from the server's own timestam
 its spread (percentiles), which the replay draws from per request, as it draws each step's time.
 
 A step's time spreads two ways, fitted apart: the machine's speed over a window of wall time
-(`speed_window_s`, SPEED_WINDOW_S unless `simulate fit --speed-window-s` says otherwise; `speed_spread`: every worker's steps in a window over the model's prediction for them, and
+(`speed_window_s`, SPEED_WINDOW_S unless `simulate fit --speed-window-s` says otherwise;
+`speed_spread`: every worker's steps in a window over the model's prediction for them, and
 `speed_correlation`: how much of one window's speed carries into the next; the simulator draws one
 factor per window for all workers, so a slow stretch slows every step of the requests it holds, for
 as long as such stretches last) and each step about its window (`step_spread`).
@@ -54,11 +55,12 @@ HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
 # log (the slowest step of thousands) stands for the top half percent, not for the whole top percent.
 # Drawing from them (flat beyond the ends) averages exactly their mean.
 SPREAD = (np.arange(100) + 0.5) / 100
-# The machine's speed is fitted and drawn per window of this much wall time (by default). On this repository's 2-core
-# machine the same steps ran up to 20% faster or slower from one window to the next, on both workers at
-# once and not with the load: per 0.5 s, a standard deviation of 8-16% about the model, and slow
-# stretches lasting seconds (BENCHMARKS.md, "Simulator against the live server"). Windows of 2 s drawn
-# independently missed the stretches shorter than a request's decode, which the p99s feel.
+# The machine's speed is fitted and drawn per window of this much wall time (by default). On this
+# repository's 2-core machine the same steps ran up to 20% faster or slower from one window to the next,
+# on both workers at once and not with the load: per 0.5 s, a standard deviation of 8-16% about the
+# model, each window correlated 0.35-0.8 with the next (BENCHMARKS.md, "Simulator against the live
+# server"). Windows of 2 s drawn independently missed the stretches shorter than a request's decode:
+# the replays' p99 TPOT and E2E were 1-3 points further off.
 SPEED_WINDOW_S = 0.5
 MIN_WINDOW_STEPS = 10  # a window with fewer steps (the gaps between runs) gives no speed
 NORMAL = statistics.NormalDist()
