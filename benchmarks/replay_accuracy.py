@@ -74,11 +74,12 @@ def main() -> None:
             rates = live_runs(out, scheduler, args)
         loadgen("simulate", "fit", "--step-log", str(out / "steps"), "--results", str(out / "capacity"),
                 "--results", str(out / "fit"), "--output", str(out / "model.json"), *shlex.split(args.fit_args))
+        fitted = StepModel.load(out / "model.json")
         for rate in rates:
             r = replay(out / f"live-{rate}", out / "model.json", out / f"replay-{rate}")
             tables["fitted"][f"{scheduler} @ {rate}/s"] = r
             # The machine's speed during the measured run: its own steps over the model's time for them.
-            at_speed = StepModel.load(out / "model.json").at_speed(1 + r["steps_vs_model"])
+            at_speed = fitted.at_speed(1 + r["steps_vs_model"])
             (out / f"model-at-{rate}.json").write_text(json.dumps(at_speed.as_dict()))
             tables["at the measured speed"][f"{scheduler} @ {rate}/s"] = replay(
                 out / f"live-{rate}", out / f"model-at-{rate}.json", out / f"replay-{rate}-at-measured-speed")
