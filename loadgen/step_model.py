@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loadgen.args import positive_float
 from scheduling.step_cost import StepFeatures
 
 STEP_TERMS = ("c0", "c2", "weights_s", "c3", "c1", "c4")  # the fitted columns, in the order fit() solves them
@@ -530,6 +531,13 @@ def fit(step_log: str | Path, results_dirs: list[str | Path] = (), overlap: floa
     return model, quality
 
 
+def correlation(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def fit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m loadgen simulate fit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -540,9 +548,9 @@ def fit_main(argv: list[str]) -> int:
                         "steps only, and the server path's request_s, first_token_s and token_s")
     p.add_argument("--overlap", type=float, help="fix the memory/compute overlap (0: sum, 1: max) "
                                                  "instead of choosing it on held-out steps")
-    p.add_argument("--speed-window-s", type=float, default=SPEED_WINDOW_S,
+    p.add_argument("--speed-window-s", type=positive_float, default=SPEED_WINDOW_S,
                    help="the window of wall time the machine's speed is fitted over and drawn per")
-    p.add_argument("--speed-correlation", type=float, help="fix the correlation of one window's speed with "
+    p.add_argument("--speed-correlation", type=correlation, help="fix the correlation of one window's speed with "
                                                            "the next's (0: independent) instead of fitting it")
     p.add_argument("--output", metavar="FILE", help="write the model here, for --step-model")
     args = p.parse_args(argv)

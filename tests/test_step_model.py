@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
-from loadgen.step_model import (PRESETS, SPEED_WINDOW_S, SPREAD, MachineSpeed, StepModel, fit_steps,
+from loadgen.step_model import (PRESETS, SPEED_WINDOW_S, SPREAD, MachineSpeed, StepModel, fit_main, fit_steps,
                                 lag_correlation, read_step_logs)
 from scheduling.step_cost import StepFeatures
 
@@ -144,3 +144,11 @@ def test_the_simulated_machine_speed_has_the_fitted_spread_and_correlation():
     rng = np.random.default_rng(0)
     flat = MachineSpeed(StepModel(2e-3, 0, 0, 0), rng)
     assert {flat.at(k * SPEED_WINDOW_S) for k in range(100)} == {1.0} and rng.random() == np.random.default_rng(0).random()
+
+
+@pytest.mark.parametrize("option", [["--speed-window-s", "0"], ["--speed-correlation", "-0.5"],
+                                    ["--speed-correlation", "1"]])
+def test_fit_refuses_a_speed_window_or_correlation_it_cannot_use(option, capsys):
+    with pytest.raises(SystemExit):
+        fit_main(["--step-log", "unused", *option])
+    assert f"argument {option[0]}" in capsys.readouterr().err
