@@ -14,8 +14,8 @@ batch size below; with the capacity run it brackets the measured rates); each me
 Poisson arrivals at a fraction (--loads) of capacity.
 
 Each measured run is replayed twice: on the fitted model, and at the measured run's own step speed
-(the model's step terms scaled by one factor, the run's total step time over the model's prediction
-for its steps, as tests/test_replay.py checks), which takes out how much faster or slower the machine
+(every time the model charges scaled by one factor, the run's total step time over the model's
+prediction for its steps, as tests/test_replay.py checks: `StepModel.at_speed`), which takes out how much faster or slower the machine
 ran than during the fit runs and leaves the error of the simulation. `--replay-only` refits and
 replays the live runs already in --output.
 """

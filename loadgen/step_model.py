@@ -50,6 +50,7 @@ from loadgen.args import positive_float
 from scheduling.step_cost import StepFeatures
 
 STEP_TERMS = ("c0", "c2", "weights_s", "c3", "c1", "c4")  # the fitted columns, in the order fit() solves them
+SERVER_PATH = ("request", "first_token", "token")  # each a mean (request_s, ...) and a spread (request_spread, ...)
 OVERLAP_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 HOLDOUT_EVERY = 5  # every fifth step is held out of the fit and scored
 # The quantiles a fit records of each spread: the middle of each percentile, so that one stall in a
@@ -127,9 +128,14 @@ class StepModel:
         return float(np.interp(q, SPREAD, spread))
 
     def at_speed(self, factor: float) -> StepModel:
-        """This model on a machine whose steps take `factor` times as long: the step terms scaled, the
-        server path and the spreads as they are."""
-        return dataclasses.replace(self, **{term: getattr(self, term) * factor for term in STEP_TERMS})
+        """This model on a machine whose steps take `factor` times as long: the step terms, the worker
+        loop and the server path (its means and its spreads, in seconds) scaled, for the server's CPU
+        work drifts with the machine as the steps do; the factors' spreads as they are."""
+        scaled = {term: getattr(self, term) * factor for term in (*STEP_TERMS, "loop_s")}
+        for part in SERVER_PATH:
+            scaled[f"{part}_s"] = getattr(self, f"{part}_s") * factor
+            scaled[f"{part}_spread"] = tuple(v * factor for v in getattr(self, f"{part}_spread"))
+        return dataclasses.replace(self, **scaled)
 
     @classmethod
     def load(cls, path: str | Path) -> StepModel:
@@ -523,9 +529,8 @@ def fit(step_log: str | Path, results_dirs: list[str | Path] = (), overlap: floa
         # sends each request as another ends, when the server is busiest (its HTTP part took twice as
         # long as in a Poisson run of the same server, BENCHMARKS.md).
         path = server_path(rows, [r for r in runs if not r["config"].get("max_concurrency")] or runs)
-        model = dataclasses.replace(model, **{k: path[k] for k in ("request_s", "first_token_s", "token_s",
-                                                                   "request_spread", "first_token_spread",
-                                                                   "token_spread")})
+        model = dataclasses.replace(model, **{k: path[k] for part in SERVER_PATH
+                                              for k in (f"{part}_s", f"{part}_spread")})
         quality["standard_errors"] |= path["standard_errors"]
         quality["paired_requests"] = path["paired_requests"]
     return model, quality
@@ -577,7 +582,7 @@ def print_fit(model: StepModel, quality: dict) -> None:
         se = quality["standard_errors"].get(name)
         if name in ("overlap", "speed_window_s", "speed_correlation"):
             note = ""
-        elif name in ("request_s", "first_token_s", "token_s") and "paired_requests" not in quality:
+        elif name in [f"{part}_s" for part in SERVER_PATH] and "paired_requests" not in quality:
             note = "needs --results"
         else:
             note = "held at 0" if se is None and value == 0 else "n/a" if se is None else f"{se:.2g}"

@@ -152,3 +152,17 @@ def test_fit_refuses_a_speed_window_or_correlation_it_cannot_use(option, capsys)
     with pytest.raises(SystemExit):
         fit_main(["--step-log", "unused", *option])
     assert f"argument {option[0]}" in capsys.readouterr().err
+
+
+def test_a_model_at_another_speed_scales_every_time_it_charges_but_not_its_factors():
+    spread = tuple(np.linspace(0.5, 1.5, len(SPREAD)))
+    path = tuple(np.linspace(1e-3, 3e-3, len(SPREAD)))
+    m = StepModel(2e-3, 1e-5, 3e-4, 1e-7, c4=1e-9, weights_s=1e-3, overlap=0.5, loop_s=1e-3, request_s=2e-3,
+                  first_token_s=5e-3, token_s=1e-3, step_spread=spread, speed_spread=spread,
+                  first_token_spread=path, speed_correlation=0.6)
+    slow = m.at_speed(1.25)
+    f = features(300, 40, 90_000, 10**6)
+    assert slow.step_seconds(f) == pytest.approx(1.25 * m.step_seconds(f))
+    assert (slow.loop_s, slow.request_s, slow.first_token_s, slow.token_s) == pytest.approx((1.25e-3, 2.5e-3, 6.25e-3, 1.25e-3))
+    assert slow.first_token_spread == pytest.approx(tuple(1.25 * v for v in path)) and slow.request_spread == ()
+    assert (slow.step_spread, slow.speed_spread, slow.overlap, slow.speed_correlation) == (spread, spread, 0.5, 0.6)
